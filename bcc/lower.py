@@ -1,0 +1,78 @@
+"""lower: run the passes on a captured graph and compile the result."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from .analyze import BlockSelector
+from .capture import Captured
+from .config import BccConfig
+from .errors import BccError
+from .passes import AnnotateBlocksPass, CacheSlot, GateBlocksPass, OutlineBlocksPass
+from .passes.annotate_blocks import BLOCKS
+from .passes.gate_blocks import SLOTS
+
+__all__ = ["Lowered", "rewrite", "lower"]
+
+
+@dataclass
+class Lowered:
+    """A rewritten graph ready to run: ``fn(schedule, step, *caches, *tensor_leaves)``.
+
+    ``fn`` returns the model's output leaves followed by the new caches.
+    """
+
+    gm: fx.GraphModule
+    fn: Callable[..., Any]
+    block_names: tuple[str, ...]
+    slots: tuple[CacheSlot, ...]
+
+
+def rewrite(
+    captured: Captured,
+    *,
+    names: Sequence[str] | None = None,
+    selector: BlockSelector = "attention",
+    mode: str = "residual",
+) -> fx.GraphModule:
+    """Annotate, outline and gate the blocks of a captured graph (no compilation)."""
+    passes = [
+        AnnotateBlocksPass(selector=selector, names=None if names is None else list(names)),
+        OutlineBlocksPass(),
+        GateBlocksPass(mode=mode),
+    ]
+    # PassManager wraps a pass's exception with the pass name; unwrap BccError so
+    # the caller sees the actionable message first, with the context chained.
+    try:
+        result = PassManager(passes, steps=1)(captured.gm)
+    except Exception as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, BccError):
+            raise cause from e
+        raise
+    return result.graph_module
+
+
+def lower(captured: Captured, names: Sequence[str], config: BccConfig) -> Lowered:
+    gm = rewrite(captured, names=names, mode=config.mode)
+    fn: Callable[..., Any]
+    if config.backend == "eager":
+        fn = gm
+    elif config.backend == "inductor":
+        options = dict(config.inductor_options)
+        fn = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=options)
+    else:
+        # A custom backend (e.g. a test's compile counter wrapping inductor) gets no
+        # options from torch.compile, so the inductor settings are patched around
+        # each call, which is when compilation happens.
+        compiled = torch.compile(gm, backend=config.backend, fullgraph=True, dynamic=False)
+        options = dict(config.inductor_options)
+
+        def fn(*args: Any) -> Any:
+            with torch._inductor.config.patch(options):
+                return compiled(*args)
+    return Lowered(gm, fn, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))

@@ -1,0 +1,256 @@
+"""The drop-in module returned by :func:`bcc.compile`: step tracking and cache state.
+
+The step index lives on the host as a Python int, so choosing the schedule row costs
+no device sync: the compiled graph receives ``schedule`` and a preallocated 0-d CPU
+step tensor and indexes the row itself. A trajectory is ``T`` consecutive calls; the
+next call after the last step starts a new trajectory, so the ordinary loop
+``for t in scheduler.timesteps: model(x, t, ...)`` needs no reset across pipeline calls.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from .analyze import ATTENTION, BlockSelector
+from .capture import Captured, capture, flatten_call, signature_of
+from .config import BccConfig
+from .errors import BccError, ErrorCode
+from .lower import Lowered, lower
+from .passes import AnnotateBlocksPass
+from .passes.annotate_blocks import BLOCKS
+from .schedule import Schedule
+
+__all__ = ["BccModule"]
+
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+@dataclass
+class _Entry:
+    """Everything tied to one input signature (batch, resolution, dtype, device)."""
+
+    captured: Captured
+    lowered: Lowered
+    schedule: torch.Tensor  # columns in the graph's block order
+    caches: list[torch.Tensor] = field(default_factory=list)
+
+
+class BccModule(torch.nn.Module):
+    """A denoiser whose blocks follow a :class:`Schedule`; call it like the original.
+
+    Attribute lookups it does not define (``config``, ``dtype``, ``device``, ...) go to
+    the original model, so it can replace ``pipe.unet`` or ``pipe.transformer``.
+    Build it with :func:`bcc.compile`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: Schedule | Callable[[tuple[str, ...]], Schedule],
+        config: BccConfig,
+        blocks: BlockSelector | None = None,
+    ):
+        super().__init__()
+        self._orig_mod = model
+        self._bcc_config = config
+        self._bcc_blocks = blocks
+        self._bcc_schedule_src = schedule
+        self._bcc_schedule: Schedule | None = schedule if isinstance(schedule, Schedule) else None
+        self._bcc_entries: dict[tuple, _Entry] = {}
+        self._bcc_current: _Entry | None = None
+        self._bcc_step = 0
+        self._bcc_timesteps: list[float] = []  # check mode: the first trajectory's timesteps
+        self._bcc_lock = threading.Lock()
+        try:
+            self._bcc_signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._bcc_signature = None
+        self._bcc_steps: list[torch.Tensor] = []
+        if self._bcc_schedule is not None:
+            self._make_steps(self._bcc_schedule.num_steps)
+
+    # -- attribute pass-through -----------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    # -- public state ----------------------------------------------------------------
+    @property
+    def bcc_schedule(self) -> Schedule | None:
+        """The schedule in use (None until the first call if a schedule factory was given)."""
+        return self._bcc_schedule
+
+    @property
+    def bcc_step(self) -> int:
+        """The step the next call will run."""
+        return self._bcc_step
+
+    @property
+    def bcc_blocks(self) -> tuple[str, ...] | None:
+        return None if self._bcc_schedule is None else self._bcc_schedule.block_names
+
+    def bcc_reset(self) -> None:
+        """Start the next call at step 0. Only needed after abandoning a trajectory by hand."""
+        self._bcc_step = 0
+
+    def bcc_graph(self) -> torch.fx.GraphModule | None:
+        """The rewritten graph of the most recent input signature (for inspection)."""
+        return None if self._bcc_current is None else self._bcc_current.lowered.gm
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Swap the schedule without recompiling (same blocks and step count).
+
+        The schedule is a graph input, so the compiled code is reused as is.
+        """
+        current = self._bcc_schedule
+        if current is not None and schedule.num_steps != current.num_steps:
+            raise BccError(
+                ErrorCode.SCHEDULE_SHAPE,
+                f"new schedule has {schedule.num_steps} steps, the compiled model {current.num_steps}; "
+                "compile again with bcc.compile for another step count.",
+            )
+        if current is not None:
+            schedule.reorder(current.block_names)  # validates the names
+        self._bcc_schedule = schedule
+        self._make_steps(schedule.num_steps)
+        for entry in self._bcc_entries.values():
+            entry.schedule = schedule.reorder(entry.lowered.block_names).mask
+        self._bcc_step = 0
+        self._bcc_timesteps = []
+
+    # -- the call ----------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = self._normalise_timestep(args, kwargs)
+        leaves, spec = flatten_call(args, kwargs)
+        signature = signature_of(leaves, spec)
+        with self._bcc_lock:
+            try:
+                return self._run(args, kwargs, leaves, spec, signature)
+            except BaseException:
+                # A failed call leaves the trajectory in an unknown state: start clean.
+                self._bcc_step = 0
+                raise
+
+    def _run(self, args, kwargs, leaves, spec, signature) -> Any:
+        entry = self._bcc_current
+        if entry is None or entry.captured.signature != signature:
+            if self._bcc_step != 0:
+                raise BccError(
+                    ErrorCode.SIGNATURE_CHANGED,
+                    f"the inputs changed in the middle of a trajectory (step {self._bcc_step} of "
+                    f"{self._bcc_schedule.num_steps}): {_diff(entry.captured.signature, signature)}. "
+                    "Cached block values are tied to batch size, resolution, dtype and device; keep "
+                    "them fixed for all steps of one generation. The next call starts a new trajectory.",
+                )
+            entry = self._bcc_entries.get(signature)
+            if entry is None:
+                entry = self._build(args, kwargs, signature)
+                self._bcc_entries[signature] = entry
+            self._bcc_current = entry
+        step = self._bcc_step
+        if self._bcc_config.check:
+            step = self._check_timestep(args, kwargs, step)
+        tensors = [leaves[i] for i in entry.captured.tensor_positions]
+        outs = entry.lowered.fn(entry.schedule, self._bcc_steps[step], *entry.caches, *tensors)
+        n_user = len(outs) - len(entry.caches)
+        # Caches are state, not part of the autograd graph of the next step.
+        entry.caches = [c.detach() for c in outs[n_user:]]
+        self._bcc_step = (step + 1) % self._bcc_schedule.num_steps
+        return pytree.tree_unflatten(list(outs[:n_user]), entry.captured.out_spec)
+
+    def _build(self, args, kwargs, signature) -> _Entry:
+        captured = capture(self._orig_mod, args, kwargs)
+        if self._bcc_schedule is None:
+            annotated = AnnotateBlocksPass(selector=self._bcc_blocks or ATTENTION)(captured.gm)
+            names = annotated.graph_module.meta[BLOCKS]
+            self._bcc_schedule = self._bcc_schedule_src(tuple(names))
+            self._make_steps(self._bcc_schedule.num_steps)
+        lowered = lower(captured, self._bcc_schedule.block_names, self._bcc_config)
+        mask = self._bcc_schedule.reorder(lowered.block_names).mask
+        caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in lowered.slots]
+        return _Entry(captured, lowered, mask, caches)
+
+    def _make_steps(self, num_steps: int) -> None:
+        # One preallocated CPU scalar per step: passing a Python int would make Dynamo
+        # specialise (and recompile) on its value.
+        self._bcc_steps = [torch.tensor(s, dtype=torch.int64) for s in range(num_steps)]
+
+    # -- timesteps ---------------------------------------------------------------------
+    def _timestep_arg(self, args, kwargs) -> tuple[str | int, Any] | None:
+        for name in _TIMESTEP_NAMES:
+            if name in kwargs:
+                return name, kwargs[name]
+        if self._bcc_signature is not None:
+            params = [p for p in self._bcc_signature.parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            for i, p in enumerate(params[: len(args)]):
+                if p.name in _TIMESTEP_NAMES:
+                    return i, args[i]
+        return None
+
+    def _normalise_timestep(self, args, kwargs):
+        # A Python-number timestep would be baked into the export as a constant and
+        # force a new capture every step; as a 0-d tensor it is an input.
+        found = self._timestep_arg(args, kwargs)
+        if found is None or not isinstance(found[1], (int, float)) or isinstance(found[1], bool):
+            return args, kwargs
+        key, value = found
+        tensor = torch.tensor(value)
+        if isinstance(key, int):
+            args = args[:key] + (tensor,) + args[key + 1:]
+        else:
+            kwargs = {**kwargs, key: tensor}
+        return args, kwargs
+
+    def _check_timestep(self, args, kwargs, step: int) -> int:
+        found = self._timestep_arg(args, kwargs)
+        if found is None:
+            return step
+        value = found[1]
+        t = float(value.flatten()[0].item()) if isinstance(value, torch.Tensor) else float(value)
+        expected = list(self._bcc_schedule.timesteps or self._bcc_timesteps)
+        T = self._bcc_schedule.num_steps
+        if step < len(expected):
+            if t == expected[step]:
+                return step
+            if step != 0 and t == expected[0]:
+                # The previous trajectory was abandoned; this call starts a new one.
+                self._bcc_step = 0
+                return 0
+            if step == 0 and len(expected) == T:
+                raise BccError(
+                    ErrorCode.STEP_OVERFLOW,
+                    f"call {T + 1} of a {T}-step trajectory: the model was called more times than "
+                    f"the schedule has steps (timestep {t:g}, a new trajectory would start at "
+                    f"{expected[0]:g}). Build the schedule for the pipeline's num_inference_steps.",
+                )
+            raise BccError(
+                ErrorCode.STEP_MISMATCH,
+                f"at step {step} the model got timestep {t:g} but the schedule's trajectory has "
+                f"{expected[step]:g}. The pipeline's steps do not match the schedule: use the same "
+                "scheduler and num_inference_steps the schedule was made for, and call the model "
+                "once per step.",
+            )
+        self._bcc_timesteps.append(t)
+        return step
+
+
+def _diff(old: tuple, new: tuple) -> str:
+    if old[0] != new[0]:
+        return "the call's argument structure changed"
+    for i, (a, b) in enumerate(zip(old[1], new[1])):
+        if a != b:
+            what = {1: "shape", 2: "dtype", 3: "device"}
+            if a[0] == "T" and b[0] == "T":
+                for k, label in what.items():
+                    if a[k] != b[k]:
+                        return f"input leaf {i} {label} {a[k]} -> {b[k]}"
+            return f"input leaf {i} changed from {a[1:]} to {b[1:]}"
+    return "unknown change"

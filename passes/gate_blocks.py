@@ -1,0 +1,212 @@
+"""Turn each outlined block into a step-indexed branch on a schedule tensor.
+
+For block ``i`` the graph computes::
+
+    row  = index_select(schedule, 0, step.reshape(1))   # not schedule[step]: that guards on data
+    outs, new_cache = cond(row[0, i], recompute, reuse, (cache..., block_inputs...))
+
+``recompute`` runs the block and returns its outputs plus what to cache (the
+residual ``out - x`` or the whole output); ``reuse`` rebuilds the outputs from the
+cache. Caches are threaded functionally: they enter as placeholders and leave as
+extra outputs, so the branches mutate nothing and the graph stays exportable.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from bcc.errors import BccInternalError
+
+from .annotate_blocks import BLOCKS, META
+from .outline_blocks import PREFIX
+
+SLOTS = "bcc_cache_slots"
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """One cached tensor: output ``output`` of block ``block``.
+
+    ``base`` is the index of the block input the residual is taken against, or
+    ``None`` when the whole output is cached.
+    """
+
+    block: str
+    output: int
+    base: int | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _val(node: fx.Node):
+    return node.meta.get("val")
+
+
+def _choose_bases(sub: fx.GraphModule, mode: str) -> list[int | None]:
+    """For each block output, the input it is a residual of (or None)."""
+    inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    outputs = list(sub.graph.output_node().args[0])
+    if mode == "output":
+        return [None] * len(outputs)
+    g = nx.DiGraph((i, n) for n in sub.graph.nodes for i in n.all_input_nodes)
+    bases: list[int | None] = []
+    for out in outputs:
+        ov = _val(out)
+        best = None
+        for idx, inp in enumerate(inputs):
+            iv = _val(inp)
+            if not isinstance(iv, torch.Tensor) or not isinstance(ov, torch.Tensor):
+                continue
+            if tuple(iv.shape) != tuple(ov.shape) or iv.dtype != ov.dtype or idx in bases:
+                continue
+            # Among inputs shaped like the output, the residual stream is the one
+            # nearest to it (a chain of skip adds); a cross-attention context of the
+            # same shape is many ops away.
+            try:
+                dist = nx.shortest_path_length(g, inp, out)
+            except (nx.NetworkXNoPath, nx.NodeNotFound):
+                continue
+            if best is None or dist < best[0]:
+                best = (dist, idx)
+        bases.append(None if best is None else best[1])
+    return bases
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+
+def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: bool) -> fx.GraphModule:
+    g = fx.Graph()
+    caches = [g.placeholder(f"cache_{j}") for j in range(len(bases))]
+    xs = [g.placeholder(f"x_{k}") for k in range(n_in)]
+    outs: list[fx.Node] = []
+    new: list[fx.Node] = []
+    if recompute:
+        res = g.call_module("block", tuple(xs))
+        for j, base in enumerate(bases):
+            out = g.call_function(operator.getitem, (res, j))
+            outs.append(out)
+            new.append(g.call_function(aten.sub.Tensor, (out, xs[base])) if base is not None
+                       else g.call_function(aten.clone.default, (out,)))
+    else:
+        for j, base in enumerate(bases):
+            # A branch may not return one of its operands (inductor: "cond_false might be
+            # aliasing the input"), hence the clone of the untouched cache.
+            outs.append(g.call_function(aten.add.Tensor, (xs[base], caches[j])) if base is not None
+                        else g.call_function(aten.clone.default, (caches[j],)))
+            new.append(g.call_function(aten.clone.default, (caches[j],)))
+    g.output(tuple(outs + new))
+    root = _Holder(sub) if recompute else torch.nn.Module()
+    return fx.GraphModule(root, g, class_name="Recompute" if recompute else "Reuse")
+
+
+class GateBlocksPass(PassBase):
+    """Gate every outlined block on ``schedule[step, i]``.
+
+    Adds placeholders ``bcc_schedule`` (bool ``[T, K]``), ``bcc_step`` (0-d int64) and
+    one ``bcc_cache_*`` per cached tensor at the front, and appends the new caches to
+    the outputs. Writes ``gm.meta["bcc_cache_slots"]`` (a :class:`CacheSlot` each).
+
+    Example:
+        >>> import torch
+        >>> from bcc.capture import capture
+        >>> from bcc.passes import AnnotateBlocksPass, OutlineBlocksPass
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return self.a(x) * 2
+        >>> gm = capture(Net(), (torch.ones(1, 2),)).gm
+        >>> for p in (AnnotateBlocksPass(names=["a"]), OutlineBlocksPass(), GateBlocksPass()):
+        ...     gm = p(gm).graph_module
+        >>> [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        ['bcc_schedule', 'bcc_step', 'bcc_cache_0_0', 'x']
+        >>> sum(n.target is torch.ops.higher_order.cond for n in gm.graph.nodes)
+        1
+    """
+
+    def __init__(self, mode: str = "residual"):
+        super().__init__()
+        self.mode = mode
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if BLOCKS not in gm.meta:
+            raise BccInternalError("GateBlocksPass needs AnnotateBlocksPass and OutlineBlocksPass first")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        names = gm.meta[BLOCKS]
+        calls = {n.meta[META]: n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith(PREFIX)}
+        first = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_before(first):
+            schedule = graph.placeholder("bcc_schedule")
+            step = graph.placeholder("bcc_step")
+        slots: list[CacheSlot] = []
+        cache_nodes: list[list[fx.Node]] = []
+        plans = []
+        for i, name in enumerate(names):
+            node = calls[name]
+            sub = gm.get_submodule(str(node.target))
+            bases = _choose_bases(sub, self.mode)
+            outs = list(sub.graph.output_node().args[0])
+            nodes = []
+            with graph.inserting_before(first):
+                for j, (out, base) in enumerate(zip(outs, bases)):
+                    v = _val(out)
+                    if not isinstance(v, torch.Tensor):
+                        raise BccInternalError(f"block {name!r} output {j} has no tensor metadata")
+                    slots.append(CacheSlot(name, j, base, tuple(int(d) for d in v.shape), v.dtype, v.device))
+                    nodes.append(graph.placeholder(f"bcc_cache_{i}_{j}"))
+            cache_nodes.append(nodes)
+            plans.append((node, sub, bases))
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            step1 = graph.call_function(aten.reshape.default, (step, [1]))
+        with graph.inserting_after(step1):
+            row = graph.call_function(aten.index_select.default, (schedule, 0, step1))
+        with graph.inserting_after(row):
+            row = graph.call_function(aten.select.int, (row, 0, 0))
+        new_caches: list[fx.Node] = []
+        for i, (node, sub, bases) in enumerate(plans):
+            n_in = len(node.args)
+            true_gm = _branch(sub, n_in, bases, recompute=True)
+            false_gm = _branch(sub, n_in, bases, recompute=False)
+            true_name, false_name = f"bcc_recompute_{i}", f"bcc_reuse_{i}"
+            gm.add_submodule(true_name, true_gm)
+            gm.add_submodule(false_name, false_gm)
+            with graph.inserting_before(node):
+                pred = graph.call_function(aten.select.int, (row, 0, i))
+                t_attr = graph.get_attr(true_name)
+                f_attr = graph.get_attr(false_name)
+                cond = graph.call_function(
+                    torch.ops.higher_order.cond,
+                    (pred, t_attr, f_attr, tuple(cache_nodes[i]) + tuple(node.args)),
+                )
+                n_out = len(bases)
+                getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(2 * n_out)]
+            cond.meta[META] = node.meta[META]
+            for user in list(node.users):
+                if user.target is not operator.getitem:
+                    raise BccInternalError(f"outlined block {node.name} has a non-getitem user")
+                user.replace_all_uses_with(getters[user.args[1]])
+                graph.erase_node(user)
+            graph.erase_node(node)
+            gm.delete_submodule(str(node.target))
+            new_caches.extend(getters[n_out:])
+        out_node = graph.output_node()
+        out_node.args = (tuple(out_node.args[0]) + tuple(new_caches),)
+        gm.meta[SLOTS] = slots
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(names))
