@@ -1,0 +1,110 @@
+"""A plain reference implementation of block caching: eager Python, no graph work.
+
+It is the oracle the tests compare :func:`bcc.compile` against. Each block module's
+``forward`` is wrapped: at steps where the schedule says recompute, it runs and
+stores what it caches; otherwise it rebuilds its output from the cache. The step is
+the number of calls of the root model modulo the schedule's length, as in
+:class:`bcc.BccModule`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .schedule import Schedule
+
+__all__ = ["HookReference"]
+
+
+class HookReference:
+    """Apply ``schedule`` to ``model`` in place by wrapping block forwards.
+
+    Residual mode caches ``out - x`` for every tensor output, where ``x`` is the
+    first not-yet-used tensor argument (positional, then keyword) of the same shape
+    and dtype; outputs without such an argument, and all outputs in output mode,
+    cache the whole tensor.
+
+    Example:
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.block = torch.nn.Identity()
+        ...     def forward(self, x):
+        ...         return self.block(x * 2)
+        >>> net = Net()
+        >>> ref = HookReference(net, Schedule.every(2, 2, ["block"]))
+        >>> [net(torch.tensor([1.0])).item(), net(torch.tensor([5.0])).item()]
+        [2.0, 10.0]
+        >>> ref.remove()
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: Schedule, mode: str = "residual"):
+        self.model = model
+        self.schedule = schedule
+        self.mode = mode
+        self.calls = 0
+        self.caches: dict[str, tuple] = {}
+        self._originals: dict[str, Any] = {}
+        modules = dict(model.named_modules())
+        for i, name in enumerate(schedule.block_names):
+            module = modules[name]
+            self._originals[name] = module.__dict__.get("forward")
+            module.forward = self._wrap(name, i, module.forward)
+        self._hook = model.register_forward_pre_hook(self._count)
+
+    @property
+    def step(self) -> int:
+        return (self.calls - 1) % self.schedule.num_steps
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def _wrap(self, name: str, index: int, forward):
+        def wrapped(*args, **kwargs):
+            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            if bool(self.schedule.mask[self.step, index]):
+                out = forward(*args, **kwargs)
+                leaves, spec = pytree.tree_flatten(out)
+                bases = self._bases(leaves, inputs)
+                cache = [
+                    None if not isinstance(v, torch.Tensor)
+                    else (v - inputs[b] if b is not None else v.clone()).detach()
+                    for v, b in zip(leaves, bases)
+                ]
+                consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+                self.caches[name] = (spec, consts, bases, cache)
+                return out
+            spec, consts, bases, cache = self.caches[name]
+            leaves = list(consts)
+            for j, cached in enumerate(cache):
+                if cached is not None:
+                    leaves[j] = inputs[bases[j]] + cached if bases[j] is not None else cached.clone()
+            return pytree.tree_unflatten(leaves, spec)
+
+        return wrapped
+
+    def _bases(self, leaves: list, inputs: list[torch.Tensor]) -> list[int | None]:
+        used: set[int] = set()
+        bases: list[int | None] = []
+        for v in leaves:
+            base = None
+            if self.mode == "residual" and isinstance(v, torch.Tensor):
+                for k, a in enumerate(inputs):
+                    if k not in used and a.shape == v.shape and a.dtype == v.dtype:
+                        used.add(k)
+                        base = k
+                        break
+            bases.append(base)
+        return bases
+
+    def remove(self) -> None:
+        """Restore the original forwards."""
+        modules = dict(self.model.named_modules())
+        for name, original in self._originals.items():
+            if original is None:
+                del modules[name].forward
+            else:
+                modules[name].forward = original
+        self._hook.remove()
