@@ -221,9 +221,13 @@ class BccModule(torch.nn.Module):
             if t == expected[step]:
                 return step
             if step != 0 and t == expected[0]:
-                # The previous trajectory was abandoned; this call starts a new one.
-                self._bcc_step = 0
-                return 0
+                raise BccError(
+                    ErrorCode.STEP_MISMATCH,
+                    f"at step {step} of {T} the model got the first step's timestep {t:g} again: either "
+                    "the previous generation was abandoned (call model.bcc_reset() before starting "
+                    "a new one) or the pipeline calls the model more than once per step (a schedule "
+                    "step is one model call; batch the guidance halves into one call).",
+                )
             if step == 0 and len(expected) == T:
                 raise BccError(
                     ErrorCode.STEP_OVERFLOW,

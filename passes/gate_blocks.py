@@ -94,16 +94,18 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
     if recompute:
         res = g.call_module("block", tuple(xs))
         for j, base in enumerate(bases):
-            out = g.call_function(operator.getitem, (res, j))
+            out = g.call_function(aten.contiguous.default, (g.call_function(operator.getitem, (res, j)),))
             outs.append(out)
             new.append(g.call_function(aten.sub.Tensor, (out, xs[base])) if base is not None
                        else g.call_function(aten.clone.default, (out,)))
     else:
         for j, base in enumerate(bases):
+            # Both branches must agree on strides, and an input (the residual base) may be
+            # a transposed view, so every output is made contiguous; caches always are.
             # A branch may not return one of its operands (inductor: "cond_false might be
             # aliasing the input"), hence the clone of the untouched cache.
-            outs.append(g.call_function(aten.add.Tensor, (xs[base], caches[j])) if base is not None
-                        else g.call_function(aten.clone.default, (caches[j],)))
+            outs.append(g.call_function(aten.contiguous.default, (g.call_function(aten.add.Tensor, (xs[base], caches[j])),))
+                        if base is not None else g.call_function(aten.clone.default, (caches[j],)))
             new.append(g.call_function(aten.clone.default, (caches[j],)))
     g.output(tuple(outs + new))
     root = _Holder(sub) if recompute else torch.nn.Module()
@@ -186,12 +188,19 @@ class GateBlocksPass(PassBase):
             gm.add_submodule(true_name, true_gm)
             gm.add_submodule(false_name, false_gm)
             with graph.inserting_before(node):
+                # Inductor asserts that a cond operand keeps the strides it was traced
+                # with; an operand that is a transposed view can come out of inductor's
+                # own lowering with other strides, so operands enter contiguous.
+                operands = tuple(
+                    a if a.op == "get_attr" else graph.call_function(aten.contiguous.default, (a,))
+                    for a in node.args
+                )
                 pred = graph.call_function(aten.select.int, (row, 0, i))
                 t_attr = graph.get_attr(true_name)
                 f_attr = graph.get_attr(false_name)
                 cond = graph.call_function(
                     torch.ops.higher_order.cond,
-                    (pred, t_attr, f_attr, tuple(cache_nodes[i]) + tuple(node.args)),
+                    (pred, t_attr, f_attr, tuple(cache_nodes[i]) + operands),
                 )
                 n_out = len(bases)
                 getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(2 * n_out)]

@@ -52,29 +52,33 @@ def test_gate_golden_graph():
     reshape_default = torch.ops.aten.reshape.default(bcc_step, [1]);  bcc_step = None
     index_select_default = torch.ops.aten.index_select.default(bcc_schedule, 0, reshape_default);  bcc_schedule = reshape_default = None
     select_int = torch.ops.aten.select.int(index_select_default, 0, 0);  index_select_default = None
+    contiguous_default = torch.ops.aten.contiguous.default(x);  x = None
     select_int_1 = torch.ops.aten.select.int(select_int, 0, 0)
     bcc_recompute_0 = self.bcc_recompute_0
     bcc_reuse_0 = self.bcc_reuse_0
-    cond = torch.ops.higher_order.cond(select_int_1, bcc_recompute_0, bcc_reuse_0, (bcc_cache_0_0, x));  select_int_1 = bcc_recompute_0 = bcc_reuse_0 = bcc_cache_0_0 = x = None
+    cond = torch.ops.higher_order.cond(select_int_1, bcc_recompute_0, bcc_reuse_0, (bcc_cache_0_0, contiguous_default));  select_int_1 = bcc_recompute_0 = bcc_reuse_0 = bcc_cache_0_0 = contiguous_default = None
     getitem_2 = cond[0]
     getitem_3 = cond[1];  cond = None
+    contiguous_default_1 = torch.ops.aten.contiguous.default(getitem_2);  getitem_2 = None
     select_int_2 = torch.ops.aten.select.int(select_int, 0, 1);  select_int = None
     bcc_recompute_1 = self.bcc_recompute_1
     bcc_reuse_1 = self.bcc_reuse_1
-    cond_1 = torch.ops.higher_order.cond(select_int_2, bcc_recompute_1, bcc_reuse_1, (bcc_cache_1_0, getitem_2));  select_int_2 = bcc_recompute_1 = bcc_reuse_1 = bcc_cache_1_0 = getitem_2 = None
+    cond_1 = torch.ops.higher_order.cond(select_int_2, bcc_recompute_1, bcc_reuse_1, (bcc_cache_1_0, contiguous_default_1));  select_int_2 = bcc_recompute_1 = bcc_reuse_1 = bcc_cache_1_0 = contiguous_default_1 = None
     getitem_4 = cond_1[0]
     getitem_5 = cond_1[1];  cond_1 = None
     add_1 = torch.ops.aten.add.Tensor(getitem_4, t);  getitem_4 = t = None
     return (add_1, getitem_3, getitem_5)"""
     assert _code(gm.bcc_reuse_0) == """def forward(self, cache_0, x_0):
     add_tensor = torch.ops.aten.add.Tensor(x_0, cache_0);  x_0 = None
+    contiguous_default = torch.ops.aten.contiguous.default(add_tensor);  add_tensor = None
     clone_default = torch.ops.aten.clone.default(cache_0);  cache_0 = None
-    return (add_tensor, clone_default)"""
+    return (contiguous_default, clone_default)"""
     assert _code(gm.bcc_recompute_0) == """def forward(self, cache_0, x_0):
     block = self.block(x_0)
     getitem = block[0];  block = None
-    sub_tensor = torch.ops.aten.sub.Tensor(getitem, x_0);  x_0 = None
-    return (getitem, sub_tensor)"""
+    contiguous_default = torch.ops.aten.contiguous.default(getitem);  getitem = None
+    sub_tensor = torch.ops.aten.sub.Tensor(contiguous_default, x_0);  x_0 = None
+    return (contiguous_default, sub_tensor)"""
     slots = gm.meta["bcc_cache_slots"]
     assert [(s.block, s.output, s.base, s.shape) for s in slots] == [("b0", 0, 0, (2, 3)), ("b1", 0, 0, (2, 3))]
 
