@@ -15,7 +15,27 @@ import torch.utils._pytree as pytree
 
 from .schedule import Schedule
 
-__all__ = ["HookReference"]
+__all__ = ["HookReference", "residual_bases"]
+
+
+def residual_bases(leaves: list, inputs: list, mode: str = "residual") -> list[int | None]:
+    """For each output leaf, the index of the input it is a residual of, or None.
+
+    The first not-yet-used tensor input of the same shape and dtype; None in output
+    mode or when no input matches (the whole output is cached then).
+    """
+    used: set[int] = set()
+    bases: list[int | None] = []
+    for v in leaves:
+        base = None
+        if mode == "residual" and isinstance(v, torch.Tensor):
+            for k, a in enumerate(inputs):
+                if k not in used and isinstance(a, torch.Tensor) and a.shape == v.shape and a.dtype == v.dtype:
+                    used.add(k)
+                    base = k
+                    break
+        bases.append(base)
+    return bases
 
 
 class HookReference:
@@ -67,7 +87,7 @@ class HookReference:
             if bool(self.schedule.mask[self.step, index]):
                 out = forward(*args, **kwargs)
                 leaves, spec = pytree.tree_flatten(out)
-                bases = self._bases(leaves, inputs)
+                bases = residual_bases(leaves, inputs, self.mode)
                 cache = [
                     None if not isinstance(v, torch.Tensor)
                     else (v - inputs[b] if b is not None else v.clone()).detach()
@@ -84,20 +104,6 @@ class HookReference:
             return pytree.tree_unflatten(leaves, spec)
 
         return wrapped
-
-    def _bases(self, leaves: list, inputs: list[torch.Tensor]) -> list[int | None]:
-        used: set[int] = set()
-        bases: list[int | None] = []
-        for v in leaves:
-            base = None
-            if self.mode == "residual" and isinstance(v, torch.Tensor):
-                for k, a in enumerate(inputs):
-                    if k not in used and a.shape == v.shape and a.dtype == v.dtype:
-                        used.add(k)
-                        base = k
-                        break
-            bases.append(base)
-        return bases
 
     def remove(self) -> None:
         """Restore the original forwards."""

@@ -32,6 +32,9 @@ class Schedule:
         block_names: one module path per column, e.g. ``"down_blocks.1.attentions.0"``.
         timesteps: optional per-step timesteps the schedule was made for; with
             ``check=True`` each call's timestep is validated against them.
+        block_costs / rest_cost: per-step cost (FLOPs) of each block and of the rest of
+            the model; when given, :meth:`compute_fraction` weighs blocks by them.
+        meta: free-form provenance (threshold, profile fingerprint, ...), saved along.
 
     Example:
         >>> s = Schedule.every(2, 4, ["a", "b"])
@@ -44,6 +47,9 @@ class Schedule:
     mask: torch.Tensor
     block_names: tuple[str, ...]
     timesteps: tuple[float, ...] | None = field(default=None)
+    block_costs: tuple[float, ...] | None = field(default=None)
+    rest_cost: float = 0.0
+    meta: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         mask = self.mask
@@ -92,6 +98,10 @@ class Schedule:
         object.__setattr__(self, "block_names", names)
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        if self.block_costs is not None:
+            if len(self.block_costs) != len(names):
+                raise BccError(ErrorCode.SCHEDULE_NAMES, "block_costs needs one cost per block.")
+            object.__setattr__(self, "block_costs", tuple(float(c) for c in self.block_costs))
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -132,17 +142,23 @@ class Schedule:
     def num_blocks(self) -> int:
         return int(self.mask.shape[1])
 
-    def compute_fraction(self, block_costs: Sequence[float] | None = None, rest_cost: float = 0.0) -> float:
+    def compute_fraction(self, block_costs: Sequence[float] | None = None, rest_cost: float | None = None) -> float:
         """Fraction of the denoiser's work still executed.
 
         Args:
-            block_costs: cost (e.g. FLOPs) of each block per step; uniform when omitted.
-            rest_cost: per-step cost of everything outside the cached blocks.
+            block_costs: cost (e.g. FLOPs) of each block per step; defaults to the
+                schedule's own costs, else uniform.
+            rest_cost: per-step cost of everything outside the cached blocks (defaults to
+                the schedule's own when its costs are used).
 
         Example:
             >>> Schedule.every(2, 4, ["a", "b"]).compute_fraction([3.0, 1.0], rest_cost=4.0)
             0.75
         """
+        if block_costs is None and self.block_costs is not None:
+            block_costs = self.block_costs
+            rest_cost = self.rest_cost if rest_cost is None else rest_cost
+        rest_cost = 0.0 if rest_cost is None else rest_cost
         costs = torch.ones(self.num_blocks, dtype=torch.float64) if block_costs is None else torch.tensor(
             list(block_costs), dtype=torch.float64
         )
@@ -150,7 +166,7 @@ class Schedule:
         total = costs.sum() * self.num_steps + rest_cost * self.num_steps
         return float(executed / total)
 
-    def ideal_speedup(self, block_costs: Sequence[float] | None = None, rest_cost: float = 0.0) -> float:
+    def ideal_speedup(self, block_costs: Sequence[float] | None = None, rest_cost: float | None = None) -> float:
         """Total work divided by executed work: the speedup if time followed FLOPs."""
         return 1.0 / self.compute_fraction(block_costs, rest_cost)
 
@@ -167,13 +183,67 @@ class Schedule:
                 "schedule from bcc.find_blocks(model, example_inputs).",
             )
         index = [self.block_names.index(n) for n in names]
-        return Schedule(self.mask[:, index], names, self.timesteps)
+        costs = None if self.block_costs is None else tuple(self.block_costs[i] for i in index)
+        return Schedule(self.mask[:, index], names, self.timesteps, costs, self.rest_cost, self.meta)
 
     def __repr__(self) -> str:
         return (
             f"Schedule(steps={self.num_steps}, blocks={self.num_blocks}, "
             f"compute_fraction={self.compute_fraction():.3f})"
         )
+
+    # -- automatic schedules (bcc.plan) -------------------------------------------
+    @classmethod
+    def from_change(cls, profile, threshold: float, *, sum_from: str = "next") -> "Schedule":
+        """The paper's automatic schedule (Eq. 7) for threshold ``threshold``; see :func:`bcc.plan.from_change`."""
+        from .plan import from_change
+
+        return from_change(profile, threshold, sum_from=sum_from)
+
+    @classmethod
+    def for_budget(cls, profile, target: float, *, kind: str = "fraction", sum_from: str = "next") -> "Schedule":
+        """The automatic schedule closest to a compute budget; see :func:`bcc.plan.for_budget`."""
+        from .plan import for_budget
+
+        return for_budget(profile, target, kind=kind, sum_from=sum_from)
+
+    # -- files --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": "bcc-schedule",
+            "version": 1,
+            "block_names": list(self.block_names),
+            "mask": self.mask.int().tolist(),
+            "timesteps": None if self.timesteps is None else list(self.timesteps),
+            "block_costs": None if self.block_costs is None else list(self.block_costs),
+            "rest_cost": self.rest_cost,
+            "compute_fraction": self.compute_fraction(),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        try:
+            mask = torch.tensor(d["mask"], dtype=torch.int64)
+            if ((mask != 0) & (mask != 1)).any():
+                raise ValueError("mask holds values other than 0/1")
+            return cls(mask.bool(), tuple(d["block_names"]), d.get("timesteps"), d.get("block_costs"),
+                       float(d.get("rest_cost", 0.0)), d.get("meta") or {})
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise BccError(ErrorCode.FILE_INVALID, f"schedule data is incomplete or malformed ({e}); recreate it.") from None
+
+    def save(self, path) -> None:
+        """Write the schedule (mask, names, costs, provenance) as JSON, atomically."""
+        from ._io import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "Schedule":
+        """Read a schedule written by :meth:`save`."""
+        from ._io import read_json
+
+        return cls.from_dict(read_json(path, "bcc-schedule", 1))
 
     def to_text(self) -> str:
         """A table, one row per block: ``#`` recompute, ``.`` reuse."""

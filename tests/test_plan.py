@@ -1,0 +1,178 @@
+"""Eq. 7 schedules on hand-made profiles, budgets, costs, files and bad input."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bcc
+from bcc import BccError, ChangeProfile, ErrorCode, Schedule
+from bcc.plan import for_budget, from_change
+
+
+def _profile(cols, flops=None, rest=0.0):
+    l1 = torch.tensor(cols, dtype=torch.float64).T  # cols: one list of per-step changes per block
+    names = [f"b{i}" for i in range(l1.shape[1])]
+    return ChangeProfile(l1, names, block_flops=flops, rest_flops=rest)
+
+
+def test_eq7_exact_schedules():
+    p = _profile([
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # never changes: never refreshed
+        [0.0, 0.9, 0.9, 0.9, 0.9, 0.9],  # changes more than δ each step: every step
+        [0.0, 0.2, 0.2, 0.2, 0.2, 0.2],  # refresh when the sum since the last passes 0.5
+        [0.0, 0.1, 0.6, 0.05, 0.05, 0.6],
+    ])
+    s = from_change(p, 0.5)
+    assert s.mask.T.int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+        [1, 0, 0, 1, 0, 0],  # 0.2+0.2+0.2 = 0.6 > 0.5 at step 3, then 0.4 by step 5
+        [1, 0, 1, 0, 0, 1],
+    ]
+    assert s.meta["threshold"] == 0.5 and s.meta["sum_from"] == "next"
+
+
+def test_eq7_literal_reading_counts_the_change_into_t_a():
+    p = _profile([[0.0, 0.2, 0.2, 0.2, 0.2, 0.2]])
+    assert from_change(p, 0.5).mask[:, 0].int().tolist() == [1, 0, 0, 1, 0, 0]
+    # literal: after refreshing at 3 the sum restarts with L1(3) = 0.2, so step 5 refreshes.
+    assert from_change(p, 0.5, sum_from="literal").mask[:, 0].int().tolist() == [1, 0, 0, 1, 0, 1]
+
+
+def test_threshold_zero_is_all_compute_when_everything_changes():
+    p = _profile([[0.0, 0.1, 0.3, 0.01], [0.0, 0.5, 0.5, 0.5]])
+    assert from_change(p, 0.0).mask.all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=12), st.floats(0.0, 2.0))
+def test_higher_threshold_never_computes_more(col, delta):
+    p = _profile([[0.0] + col])
+    a = from_change(p, delta).mask.sum()
+    b = from_change(p, delta + 0.25).mask.sum()
+    assert b <= a
+
+
+def test_costs_weigh_the_compute_fraction():
+    p = _profile([[0.0, 0.9, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0]], flops=[3.0, 1.0], rest=4.0)
+    s = from_change(p, 0.5)
+    # block0 every step (3*4), block1 once (1), rest 4 per step (16): 29 / 32.
+    assert s.compute_fraction() == pytest.approx(29 / 32)
+    assert s.ideal_speedup() == pytest.approx(32 / 29)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 1000), st.floats(0.3, 1.0))
+def test_for_budget_hits_target_within_one_block_step(seed, target):
+    g = torch.Generator().manual_seed(seed)
+    l1 = torch.rand(20, 6, generator=g, dtype=torch.float64) * torch.rand(1, 6, generator=g, dtype=torch.float64)
+    l1[0] = 0
+    flops = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).tolist()
+    p = ChangeProfile(l1, [f"b{i}" for i in range(6)], block_flops=flops, rest_flops=sum(flops))
+    lo = from_change(p, 1e9).compute_fraction()
+    if target < lo:
+        with pytest.raises(BccError) as e:
+            for_budget(p, target)
+        assert e.value.code is ErrorCode.BUDGET_UNREACHABLE
+        return
+    s = for_budget(p, target)
+    got = s.compute_fraction()
+    assert got <= target + 1e-9
+    total = (sum(flops) * 2) * 20
+    # Granularity of a threshold sweep: the next-denser schedule would exceed the target.
+    denser = from_change(p, max(s.meta["threshold"] - 1e-6, 0.0)).compute_fraction()
+    assert denser > target or denser == got
+    assert target - got <= max(flops) / total + (denser - got)
+
+
+def test_for_budget_speedup_and_unreachable_message():
+    p = _profile([[0.0, 0.1, 0.1, 0.1], [0.0, 0.3, 0.3, 0.3]])
+    s = for_budget(p, 1.5, kind="speedup")
+    assert s.ideal_speedup() >= 1.5 - 1e-9
+    with pytest.raises(BccError) as e:
+        for_budget(p, 0.1)
+    assert e.value.code is ErrorCode.BUDGET_UNREACHABLE
+    assert "0.2500" in str(e.value) and "to 1.0" in str(e.value)
+    with pytest.raises(BccError):
+        for_budget(p, 2.0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "0.5"])
+def test_negative_or_invalid_threshold(bad):
+    with pytest.raises(BccError) as e:
+        from_change(_profile([[0.0, 0.1]]), bad)
+    assert e.value.code is ErrorCode.THRESHOLD_INVALID
+
+
+def test_profile_validation():
+    with pytest.raises(BccError) as e:
+        ChangeProfile(torch.zeros(0, 2), ["a", "b"])
+    assert e.value.code is ErrorCode.CALIBRATION_INVALID
+    with pytest.raises(BccError):
+        ChangeProfile(torch.full((2, 1), -1.0), ["a"])
+    with pytest.raises(BccError):
+        ChangeProfile(torch.zeros(2, 2), ["a"])
+
+
+def test_profile_and_schedule_files_round_trip(tmp_path):
+    p = _profile([[0.0, 0.2, 0.4], [0.0, 0.9, 0.1]], flops=[2.0, 1.0], rest=3.0)
+    p.save(tmp_path / "p.json")
+    q = ChangeProfile.load(tmp_path / "p.json")
+    torch.testing.assert_close(q.l1_rel, p.l1_rel)
+    assert q.block_names == p.block_names and q.block_flops == p.block_flops
+    s = from_change(q, 0.3)
+    s.save(tmp_path / "s.json")
+    t = Schedule.load(tmp_path / "s.json")
+    assert torch.equal(t.mask, s.mask) and t.block_costs == s.block_costs and t.meta["threshold"] == 0.3
+    assert t.compute_fraction() == pytest.approx(s.compute_fraction())
+
+
+def test_truncated_or_foreign_or_old_files(tmp_path):
+    p = _profile([[0.0, 0.2]])
+    p.save(tmp_path / "p.json")
+    text = (tmp_path / "p.json").read_text()
+    (tmp_path / "trunc.json").write_text(text[: len(text) // 2])
+    with pytest.raises(BccError) as e:
+        ChangeProfile.load(tmp_path / "trunc.json")
+    assert e.value.code is ErrorCode.FILE_INVALID and "truncated" in str(e.value)
+    with pytest.raises(BccError) as e:
+        Schedule.load(tmp_path / "p.json")  # a profile is not a schedule
+    assert e.value.code is ErrorCode.FILE_INVALID
+    old = json.loads(text)
+    old["version"] = 0
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(BccError) as e:
+        ChangeProfile.load(tmp_path / "old.json")
+    assert e.value.code is ErrorCode.FILE_VERSION
+    with pytest.raises(BccError) as e:
+        ChangeProfile.load(tmp_path / "missing.json")
+    assert e.value.code is ErrorCode.FILE_INVALID
+
+
+def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
+    p = _profile([[0.0, 0.2]])
+    p.save(tmp_path / "p.json")
+    before = (tmp_path / "p.json").read_text()
+    import bcc._io as io
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.json, "dump", boom)
+    with pytest.raises(OSError):
+        _profile([[0.0, 0.7]]).save(tmp_path / "p.json")
+    assert (tmp_path / "p.json").read_text() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["p.json"]
+
+
+def test_profile_mismatch_with_model_and_steps():
+    model = torch.nn.Linear(2, 2)
+    p = ChangeProfile(torch.zeros(3, 1), ["x"], fingerprint=bcc.profile.model_fingerprint(model))
+    p.check_compatible(model=model, num_steps=3)
+    with pytest.raises(BccError) as e:
+        p.check_compatible(model=torch.nn.Linear(2, 3))
+    assert e.value.code is ErrorCode.PROFILE_MISMATCH
+    with pytest.raises(BccError):
+        p.check_compatible(num_steps=4)
