@@ -79,6 +79,19 @@ def _choose_bases(sub: fx.GraphModule, mode: str) -> list[int | None]:
     return bases
 
 
+def _contiguous(g: fx.Graph, node: fx.Node, like: fx.Node | None = None) -> fx.Node:
+    """Make ``node`` contiguous with canonical strides.
+
+    ``contiguous()`` keeps arbitrary strides on size-1 dims, which torch.cond still
+    compares between branches (a 1x1 latent at the bottom of a UNet trips it), so
+    tensors with a size-1 dim are cloned to the canonical layout instead.
+    """
+    val = _val(like if like is not None else node)
+    if isinstance(val, torch.Tensor) and any(int(d) == 1 for d in val.shape):
+        return g.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+    return g.call_function(aten.contiguous.default, (node,))
+
+
 class _Holder(torch.nn.Module):
     def __init__(self, block: torch.nn.Module):
         super().__init__()
@@ -87,6 +100,7 @@ class _Holder(torch.nn.Module):
 
 def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: bool) -> fx.GraphModule:
     g = fx.Graph()
+    sub_outs = list(sub.graph.output_node().args[0])
     caches = [g.placeholder(f"cache_{j}") for j in range(len(bases))]
     xs = [g.placeholder(f"x_{k}") for k in range(n_in)]
     outs: list[fx.Node] = []
@@ -94,7 +108,7 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
     if recompute:
         res = g.call_module("block", tuple(xs))
         for j, base in enumerate(bases):
-            out = g.call_function(aten.contiguous.default, (g.call_function(operator.getitem, (res, j)),))
+            out = _contiguous(g, g.call_function(operator.getitem, (res, j)), like=sub_outs[j])
             outs.append(out)
             new.append(g.call_function(aten.sub.Tensor, (out, xs[base])) if base is not None
                        else g.call_function(aten.clone.default, (out,)))
@@ -104,7 +118,7 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
             # a transposed view, so every output is made contiguous; caches always are.
             # A branch may not return one of its operands (inductor: "cond_false might be
             # aliasing the input"), hence the clone of the untouched cache.
-            outs.append(g.call_function(aten.contiguous.default, (g.call_function(aten.add.Tensor, (xs[base], caches[j])),))
+            outs.append(_contiguous(g, g.call_function(aten.add.Tensor, (xs[base], caches[j])), like=sub_outs[j])
                         if base is not None else g.call_function(aten.clone.default, (caches[j],)))
             new.append(g.call_function(aten.clone.default, (caches[j],)))
     g.output(tuple(outs + new))
@@ -191,10 +205,7 @@ class GateBlocksPass(PassBase):
                 # Inductor asserts that a cond operand keeps the strides it was traced
                 # with; an operand that is a transposed view can come out of inductor's
                 # own lowering with other strides, so operands enter contiguous.
-                operands = tuple(
-                    a if a.op == "get_attr" else graph.call_function(aten.contiguous.default, (a,))
-                    for a in node.args
-                )
+                operands = tuple(a if a.op == "get_attr" else _contiguous(graph, a) for a in node.args)
                 pred = graph.call_function(aten.select.int, (row, 0, i))
                 t_attr = graph.get_attr(true_name)
                 f_attr = graph.get_attr(false_name)
