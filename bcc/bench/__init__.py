@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): they measure, print and write results; they assert nothing."""
