@@ -28,7 +28,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         False
     """
     config = getattr(model, "config", None)
-    config = dict(config) if config is not None else {}
+    # Private keys (diffusers' "_use_default_values" and the like) are bookkeeping whose
+    # order varies between processes; they do not change the model.
+    config = {k: v for k, v in dict(config).items() if not str(k).startswith("_")} if config is not None else {}
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     blob = json.dumps([type(model).__qualname__, config, shapes], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
