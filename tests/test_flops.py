@@ -1,0 +1,53 @@
+"""The cost model is honest: predicted compute fraction = FLOPs the rewritten graph runs."""
+import pytest
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+import bcc
+from bcc.calibrate import block_flops
+
+from conftest import built, trajectory_inputs
+
+
+def _flops(model, inputs):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        for a, k in inputs:
+            model(*a, **k)
+    return counter.get_total_flops()
+
+
+class _TakenBranchOnly(fx.Interpreter):
+    """Runs the rewritten graph, evaluating each cond by running only the branch taken.
+
+    FlopCounterMode counts a torch.cond as the larger of its two branches (a static upper
+    bound), so executed FLOPs are counted by running the chosen branch directly.
+    """
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.higher_order.cond:
+            pred, on_true, on_false, operands = args
+            return (on_true if bool(pred) else on_false)(*operands)
+        return super().call_function(target, args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["unet-tiny", "pixart"])
+def test_predicted_fraction_equals_executed_flops(name):
+    steps = 8
+    model, args, kwargs = built(name)
+    names = bcc.find_blocks(model, (args, kwargs))
+    costs, rest = block_flops(model, args, kwargs, names)
+    g = torch.Generator().manual_seed(3)
+    l1 = torch.rand(steps, len(names), generator=g, dtype=torch.float64)
+    l1[0] = 0
+    profile = bcc.ChangeProfile(l1, names, block_flops=costs, rest_flops=rest)
+    schedule = bcc.Schedule.for_budget(profile, 0.9)
+    assert schedule.compute_fraction() < 1.0
+    inputs = trajectory_inputs(name, model, steps)
+    full = _flops(model, inputs)
+    fast = bcc.compile(model, schedule, backend="eager")
+    _flops(fast, inputs)  # the first trajectory also captures (export traces the model once)
+    (entry,) = fast._bcc_entries.values()
+    entry.lowered.fn = lambda *a: _TakenBranchOnly(entry.lowered.gm).run(*a)
+    executed = _flops(fast, inputs)
+    assert executed / full == pytest.approx(schedule.compute_fraction(), rel=1e-9)
