@@ -364,8 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="PNG", help="PNG to write")
     p.add_argument("--top", type=int, metavar="N", help="profiles: only the N blocks with the largest mean change")
     p.set_defaults(func=_cmd_plot)
-    # Later: bench, export, train register here the same way.
+
+    b = sub.add_parser("bench", help="run a benchmark (measures and writes results; asserts nothing)",
+                       description="Benchmarks. 'bcc bench quality [options]' runs the paper's Table 1 protocol on "
+                       "the shipped digits model (see 'bcc bench quality --help').")
+    b.add_argument("which", choices=["quality"], help="which benchmark")
+    b.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    b.set_defaults(func=_cmd_bench)
+    # Later: export, train register here the same way.
     return parser
+
+
+def _cmd_bench(args) -> int:
+    from .bench import quality
+
+    return quality.main(list(args.options))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -169,7 +169,8 @@ def markdown(results, floor, command):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bcc bench quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["ddim-20", "dpm-20", "ddim-50", "dpm-50"])
     ap.add_argument("--arch", default="unet")
     ap.add_argument("--n", type=int, default=2000)
