@@ -22,6 +22,7 @@ from .config import BccConfig
 from .errors import BccError, ErrorCode
 from .lower import Lowered, lower
 from .passes import AnnotateBlocksPass
+from .profile import model_fingerprint
 from .passes.annotate_blocks import BLOCKS
 from .schedule import Schedule
 
@@ -166,6 +167,7 @@ class BccModule(torch.nn.Module):
         return pytree.tree_unflatten(list(outs[:n_user]), entry.captured.out_spec)
 
     def _build(self, args, kwargs, signature) -> _Entry:
+        self._check_provenance()
         captured = capture(self._orig_mod, args, kwargs)
         if self._bcc_schedule is None:
             annotated = AnnotateBlocksPass(selector=self._bcc_blocks or ATTENTION)(captured.gm)
@@ -176,6 +178,18 @@ class BccModule(torch.nn.Module):
         mask = self._bcc_schedule.reorder(lowered.block_names).mask
         caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in lowered.slots]
         return _Entry(captured, lowered, mask, caches)
+
+    def _check_provenance(self) -> None:
+        # A schedule planned from a change profile records the profiled model; applying
+        # it to another model would silently follow someone else's change curves.
+        expected = self._bcc_schedule.meta.get("profile_fingerprint") if self._bcc_schedule else None
+        if expected and expected != model_fingerprint(self._orig_mod):
+            raise BccError(
+                ErrorCode.PROFILE_MISMATCH,
+                f"the schedule was planned from a change profile of another model (fingerprint {expected}, "
+                f"this model {model_fingerprint(self._orig_mod)}). Calibrate this model with bcc.calibrate "
+                "and plan its own schedule.",
+            )
 
     def _make_steps(self, num_steps: int) -> None:
         # One preallocated CPU scalar per step: passing a Python int would make Dynamo

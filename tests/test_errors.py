@@ -147,3 +147,18 @@ def test_config_replace_is_validated():
     assert BccConfig().replace(mode="output").mode == "output"
     with pytest.raises(BccError):
         BccConfig().replace(mode="x")
+
+
+def test_schedule_planned_for_another_model():
+    from bcc.profile import model_fingerprint
+
+    other = torch.nn.Linear(3, 3)
+    profile = bcc.ChangeProfile(torch.tensor([[0.0, 0.0], [0.3, 0.3]]), ["b0", "b1"], fingerprint=model_fingerprint(other))
+    schedule = Schedule.from_change(profile, 0.5)
+    fast = bcc.compile(Toy(), schedule, backend="eager")
+    with pytest.raises(BccError) as e:
+        fast(torch.ones(2), torch.tensor(1.0))
+    assert _code(e) is ErrorCode.PROFILE_MISMATCH
+    assert "bcc.calibrate" in str(e.value)
+    mine = bcc.ChangeProfile(profile.l1_rel, ["b0", "b1"], fingerprint=model_fingerprint(Toy()))
+    bcc.compile(Toy(), Schedule.from_change(mine, 0.5), backend="eager")(torch.ones(2), torch.tensor(1.0))

@@ -52,3 +52,23 @@ def test_pipeline_all_compute_equals_plain_pipeline():
     plain = _generate(pipe)
     pipe.unet = bcc.compile(pipe.unet, lambda names: Schedule.all_compute(STEPS, names), backend="eager")
     np.testing.assert_allclose(_generate(pipe), plain, rtol=0, atol=0)
+
+
+def test_calibrate_schedule_compile_on_the_pipeline():
+    pipe = tiny_sd_pipeline()
+
+    def sample(unet, prompt, seed):
+        with torch.no_grad():
+            pipe(prompt, num_inference_steps=STEPS, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(seed), output_type="latent")
+
+    profile = bcc.calibrate(pipe.unet, sample, ["a red digit", "a blue digit"], seeds=[0, 1],
+                            scheduler=pipe.scheduler, guidance_scale=5.0, progress=False)
+    assert profile.num_steps == STEPS and profile.num_runs == 4
+    assert profile.block_names == tuple(_schedule(pipe).block_names)
+    assert float(profile.l1_rel[1:].min()) > 0
+    schedule = Schedule.for_budget(profile, 0.9)
+    assert schedule.mask[1:].sum() < schedule.mask[1:].numel()  # something is reused
+    want = _reference_images(pipe, schedule)
+    pipe.unet = bcc.compile(pipe.unet, schedule, backend="eager")
+    np.testing.assert_allclose(_generate(pipe), want, rtol=0, atol=0)
