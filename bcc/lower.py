@@ -21,7 +21,9 @@ __all__ = ["Lowered", "rewrite", "lower"]
 
 @dataclass
 class Lowered:
-    """A rewritten graph ready to run: ``fn(schedule, step, *caches, *tensor_leaves)``.
+    """A rewritten graph ready to run: ``fn(schedule, step, *caches, *scale_shift, *tensor_leaves)``.
+
+    ``scale_shift`` is empty unless the graph was rewritten with scale-shift tables.
 
     ``fn`` returns the model's output leaves followed by the new caches.
     """

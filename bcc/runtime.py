@@ -39,6 +39,9 @@ class _Entry:
     lowered: Lowered
     schedule: torch.Tensor  # columns in the graph's block order
     caches: list[torch.Tensor] = field(default_factory=list)
+    # Scale-shift tables, one per cache slot (empty without scale-shift); graph inputs
+    # after the caches, so they are data, not constants baked into the compiled code.
+    scale_shift: list[torch.Tensor] = field(default_factory=list)
 
 
 class BccModule(torch.nn.Module):
@@ -159,7 +162,7 @@ class BccModule(torch.nn.Module):
         if self._bcc_config.check:
             step = self._check_timestep(args, kwargs, step)
         tensors = [leaves[i] for i in entry.captured.tensor_positions]
-        outs = entry.lowered.fn(entry.schedule, self._bcc_steps[step], *entry.caches, *tensors)
+        outs = entry.lowered.fn(entry.schedule, self._bcc_steps[step], *entry.caches, *entry.scale_shift, *tensors)
         n_user = len(outs) - len(entry.caches)
         # Caches are state, not part of the autograd graph of the next step.
         entry.caches = [c.detach() for c in outs[n_user:]]
