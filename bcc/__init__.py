@@ -5,15 +5,22 @@ recomputes or reuses its output from an earlier step, as a step-indexed branch o
 schedule tensor inside one compiled graph.
 """
 from .api import compile, find_blocks
+from .backend import _register as _register_backend
 from .calibrate import calibrate
 from .config import BccConfig
 from .errors import BccError, BccInternalError, ErrorCode
+# After .backend: binds the name bcc.export to the function, not the submodule.
+from .export import ExportedDenoiser, export, load_exported, save_exported
 from .profile import ChangeProfile
 from .runtime import BccModule
 from .schedule import Schedule
 
 __all__ = [
     "compile",
+    "export",
+    "save_exported",
+    "load_exported",
+    "ExportedDenoiser",
     "calibrate",
     "ChangeProfile",
     "find_blocks",
@@ -25,3 +32,5 @@ __all__ = [
     "Schedule",
 ]
 __version__ = "0.1.0"
+
+_register_backend()  # backend="bcc" from a source checkout; installs use the entry point

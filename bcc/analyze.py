@@ -80,10 +80,11 @@ def _stack(node: fx.Node) -> list[tuple[str, str, str]]:
 
 
 def _clean_path(path: str) -> str:
-    # Dynamo writes "L['self'].down_blocks[0].attentions[0]"; export writes
-    # "down_blocks.0.attentions.0". Both become the latter.
+    # Dynamo writes "L['self'].down_blocks[0].attentions[0]", or with inlined modules
+    # "L['self'].__dict__['_modules']['down_blocks'].0"; export writes
+    # "down_blocks.0.attentions.0". All become the latter.
     if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".")
+        path = path[len("L['self']"):].replace(".__dict__['_modules']", "._modules")
     path = path.replace("[", ".").replace("]", "").replace("'", "")
     return path.replace("._modules.", ".").lstrip(".")
 

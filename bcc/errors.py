@@ -33,6 +33,10 @@ class ErrorCode(str, enum.Enum):
     CALIBRATION_INVALID = "BCC504"
     FILE_INVALID = "BCC601"
     FILE_VERSION = "BCC602"
+    BACKEND_OPTIONS = "BCC701"
+    BACKEND_GRAPH = "BCC702"
+    STATIC_SHAPE = "BCC703"
+    ARTIFACT_MISMATCH = "BCC704"
 
 
 class BccError(Exception):
