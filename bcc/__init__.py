@@ -8,11 +8,13 @@ from .api import compile, find_blocks
 from .backend import _register as _register_backend
 from .calibrate import calibrate
 from .config import BccConfig
+from .distill import train_scale_shift
 from .errors import BccError, BccInternalError, ErrorCode
 # After .backend: binds the name bcc.export to the function, not the submodule.
 from .export import ExportedDenoiser, export, load_exported, save_exported
 from .profile import ChangeProfile
 from .runtime import BccModule
+from .scale_shift import ScaleShift
 from .schedule import Schedule
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "BccModule",
     "ErrorCode",
     "Schedule",
+    "ScaleShift",
+    "train_scale_shift",
 ]
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """The user-facing verbs: :func:`compile` and :func:`find_blocks`."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,7 @@ from .errors import BccError, ErrorCode
 from .passes import AnnotateBlocksPass
 from .passes.annotate_blocks import BLOCKS
 from .runtime import BccModule
+from .scale_shift import ScaleShift
 from .schedule import Schedule
 
 __all__ = ["compile", "find_blocks"]
@@ -54,6 +56,7 @@ def compile(  # noqa: A001 - the verb users expect, like torch.compile
     *,
     blocks: BlockSelector | None = None,
     config: BccConfig | None = None,
+    scale_shift: "ScaleShift | str | os.PathLike | None" = None,
     **options: Any,
 ) -> BccModule:
     """Make ``model`` reuse cached block outputs according to ``schedule``.
@@ -70,6 +73,9 @@ def compile(  # noqa: A001 - the verb users expect, like torch.compile
             function from the discovered block names to a Schedule (then ``blocks``
             selects them, default ``"attention"``).
         blocks: block selector used with a schedule function.
+        scale_shift: trained :class:`ScaleShift` parameters (or their ``.safetensors``
+            path) for this schedule; applied in the reuse branches (see
+            :func:`bcc.train_scale_shift`).
         config: a :class:`BccConfig`; keyword ``options`` override its fields
             (``mode``, ``backend``, ``check``, ``inductor_options``).
 
@@ -104,7 +110,11 @@ def compile(  # noqa: A001 - the verb users expect, like torch.compile
             ErrorCode.CONFIG_INVALID,
             "blocks= is only used with a schedule function; a Schedule already names its blocks.",
         )
-    return BccModule(model, schedule, cfg, blocks)
+    if scale_shift is not None and not isinstance(scale_shift, ScaleShift):
+        scale_shift = ScaleShift.load(scale_shift)
+    if isinstance(scale_shift, ScaleShift) and isinstance(schedule, Schedule):
+        scale_shift.check_compatible(schedule, model, cfg.mode)  # fail now, not at the first call
+    return BccModule(model, schedule, cfg, blocks, scale_shift)
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:

@@ -40,12 +40,16 @@ def rewrite(
     names: Sequence[str] | None = None,
     selector: BlockSelector = "attention",
     mode: str = "residual",
+    scale_shift: bool = False,
 ) -> fx.GraphModule:
-    """Annotate, outline and gate the blocks of a captured graph (no compilation)."""
+    """Annotate, outline and gate the blocks of a captured graph (no compilation).
+
+    ``scale_shift=True`` adds one ``[T, 2, C]`` table input per cache slot after the caches.
+    """
     passes = [
         AnnotateBlocksPass(selector=selector, names=None if names is None else list(names)),
         OutlineBlocksPass(),
-        GateBlocksPass(mode=mode),
+        GateBlocksPass(mode=mode, scale_shift=scale_shift),
     ]
     # PassManager wraps a pass's exception with the pass name; unwrap BccError so
     # the caller sees the actionable message first, with the context chained.
@@ -59,8 +63,8 @@ def rewrite(
     return result.graph_module
 
 
-def lower(captured: Captured, names: Sequence[str], config: BccConfig) -> Lowered:
-    gm = rewrite(captured, names=names, mode=config.mode)
+def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shift: bool = False) -> Lowered:
+    gm = rewrite(captured, names=names, mode=config.mode, scale_shift=scale_shift)
     fn: Callable[..., Any]
     if config.backend == "eager":
         fn = gm

@@ -8,14 +8,14 @@ the number of calls of the root model modulo the schedule's length, as in
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
 from .schedule import Schedule
 
-__all__ = ["HookReference", "residual_bases"]
+__all__ = ["HookReference", "residual_bases", "patch_forwards"]
 
 
 def residual_bases(leaves: list, inputs: list, mode: str = "residual") -> list[int | None]:
@@ -36,6 +36,38 @@ def residual_bases(leaves: list, inputs: list, mode: str = "residual") -> list[i
                     break
         bases.append(base)
     return bases
+
+
+def cache_entry(out: Any, inputs: list, mode: str) -> tuple:
+    """What a recomputed block leaves in the cache: ``(spec, consts, bases, cached tensors)``."""
+    leaves, spec = pytree.tree_flatten(out)
+    bases = residual_bases(leaves, inputs, mode)
+    cache = [None if not isinstance(v, torch.Tensor) else (v - inputs[b] if b is not None else v.clone()).detach()
+             for v, b in zip(leaves, bases)]
+    consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+    return spec, consts, bases, cache
+
+
+def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable) -> Callable[[], None]:
+    """Set each named module's ``forward`` to ``wrap(name, index, forward)``; returns the undo.
+
+    An instance attribute shadows the class's ``forward``, so undoing deletes it again
+    (or puts back an instance attribute that was there before).
+    """
+    modules = dict(model.named_modules())
+    originals = {}
+    for i, name in enumerate(names):
+        originals[name] = modules[name].__dict__.get("forward")
+        modules[name].forward = wrap(name, i, modules[name].forward)
+
+    def restore() -> None:
+        for name, original in originals.items():
+            if original is None:
+                del modules[name].forward
+            else:
+                modules[name].forward = original
+
+    return restore
 
 
 class HookReference:
@@ -60,18 +92,15 @@ class HookReference:
         >>> ref.remove()
     """
 
-    def __init__(self, model: torch.nn.Module, schedule: Schedule, mode: str = "residual"):
+    def __init__(self, model: torch.nn.Module, schedule: Schedule, mode: str = "residual", scale_shift=None):
         self.model = model
         self.schedule = schedule
         self.mode = mode
+        # A bcc.ScaleShift: reused values become (1 + gamma[step]) * cached + beta[step].
+        self.scale_shift = scale_shift
         self.calls = 0
         self.caches: dict[str, tuple] = {}
-        self._originals: dict[str, Any] = {}
-        modules = dict(model.named_modules())
-        for i, name in enumerate(schedule.block_names):
-            module = modules[name]
-            self._originals[name] = module.__dict__.get("forward")
-            module.forward = self._wrap(name, i, module.forward)
+        self._restore = patch_forwards(model, schedule.block_names, self._wrap)
         self._hook = model.register_forward_pre_hook(self._count)
 
     @property
@@ -86,20 +115,14 @@ class HookReference:
             inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             if bool(self.schedule.mask[self.step, index]):
                 out = forward(*args, **kwargs)
-                leaves, spec = pytree.tree_flatten(out)
-                bases = residual_bases(leaves, inputs, self.mode)
-                cache = [
-                    None if not isinstance(v, torch.Tensor)
-                    else (v - inputs[b] if b is not None else v.clone()).detach()
-                    for v, b in zip(leaves, bases)
-                ]
-                consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-                self.caches[name] = (spec, consts, bases, cache)
+                self.caches[name] = cache_entry(out, inputs, self.mode)
                 return out
             spec, consts, bases, cache = self.caches[name]
             leaves = list(consts)
             for j, cached in enumerate(cache):
                 if cached is not None:
+                    if self.scale_shift is not None:
+                        cached = self.scale_shift.adjust(self.scale_shift.slot_index(name, j), cached, self.step)
                     leaves[j] = inputs[bases[j]] + cached if bases[j] is not None else cached.clone()
             return pytree.tree_unflatten(leaves, spec)
 
@@ -107,10 +130,5 @@ class HookReference:
 
     def remove(self) -> None:
         """Restore the original forwards."""
-        modules = dict(self.model.named_modules())
-        for name, original in self._originals.items():
-            if original is None:
-                del modules[name].forward
-            else:
-                modules[name].forward = original
+        self._restore()
         self._hook.remove()

@@ -24,6 +24,7 @@ from .lower import Lowered, lower
 from .passes import AnnotateBlocksPass
 from .profile import model_fingerprint
 from .passes.annotate_blocks import BLOCKS
+from .scale_shift import ScaleShift, channel_dim
 from .schedule import Schedule
 
 __all__ = ["BccModule"]
@@ -58,9 +59,13 @@ class BccModule(torch.nn.Module):
         schedule: Schedule | Callable[[tuple[str, ...]], Schedule],
         config: BccConfig,
         blocks: BlockSelector | None = None,
+        scale_shift: ScaleShift | None = None,
     ):
         super().__init__()
         self._orig_mod = model
+        # Not a submodule: its parameters are not the model's, and state_dict()
+        # should keep looking like the original model's.
+        self.__dict__["_bcc_ss"] = scale_shift
         self._bcc_config = config
         self._bcc_blocks = blocks
         self._bcc_schedule_src = schedule
@@ -108,11 +113,21 @@ class BccModule(torch.nn.Module):
         """The rewritten graph of the most recent input signature (for inspection)."""
         return None if self._bcc_current is None else self._bcc_current.lowered.gm
 
-    def set_schedule(self, schedule: Schedule) -> None:
+    def set_schedule(self, schedule: Schedule, scale_shift: ScaleShift | None = None) -> None:
         """Swap the schedule without recompiling (same blocks and step count).
 
-        The schedule is a graph input, so the compiled code is reused as is.
+        The schedule is a graph input, so the compiled code is reused as is. A model
+        compiled with scale-shift takes the new schedule's parameters as ``scale_shift``
+        (their tables are inputs too); without them it caches naively (identity tables).
         """
+        if scale_shift is not None:
+            if self._bcc_ss is None:
+                raise BccError(
+                    ErrorCode.CONFIG_INVALID,
+                    "this model was compiled without scale-shift, so its graph has no place for the "
+                    "parameters; compile it again with bcc.compile(..., scale_shift=...).",
+                )
+            scale_shift.check_compatible(schedule, self._orig_mod, self._bcc_config.mode)
         current = self._bcc_schedule
         if current is not None and schedule.num_steps != current.num_steps:
             raise BccError(
@@ -124,8 +139,12 @@ class BccModule(torch.nn.Module):
             schedule.reorder(current.block_names)  # validates the names
         self._bcc_schedule = schedule
         self._make_steps(schedule.num_steps)
+        if self._bcc_ss is not None:
+            self.__dict__["_bcc_ss"] = scale_shift or _IdentityTables(schedule.num_steps)
         for entry in self._bcc_entries.values():
             entry.schedule = schedule.reorder(entry.lowered.block_names).mask
+            if self._bcc_ss is not None:
+                entry.scale_shift = self._bcc_ss.tables_for(entry.lowered.slots)
         self._bcc_step = 0
         self._bcc_timesteps = []
 
@@ -177,10 +196,14 @@ class BccModule(torch.nn.Module):
             names = annotated.graph_module.meta[BLOCKS]
             self._bcc_schedule = self._bcc_schedule_src(tuple(names))
             self._make_steps(self._bcc_schedule.num_steps)
-        lowered = lower(captured, self._bcc_schedule.block_names, self._bcc_config)
+        ss = self._bcc_ss
+        if ss is not None:
+            ss.check_compatible(self._bcc_schedule, self._orig_mod, self._bcc_config.mode)
+        lowered = lower(captured, self._bcc_schedule.block_names, self._bcc_config, scale_shift=ss is not None)
         mask = self._bcc_schedule.reorder(lowered.block_names).mask
         caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in lowered.slots]
-        return _Entry(captured, lowered, mask, caches)
+        tables = ss.tables_for(lowered.slots) if ss is not None else []
+        return _Entry(captured, lowered, mask, caches, tables)
 
     def _check_provenance(self) -> None:
         # A schedule planned from a change profile records the profiled model; applying
@@ -261,6 +284,26 @@ class BccModule(torch.nn.Module):
             )
         self._bcc_timesteps.append(t)
         return step
+
+
+class _IdentityTables:
+    """Zero tables for every cache slot: naive caching through a scale-shift graph.
+
+    Used after ``set_schedule`` without parameters, so a new schedule never runs with
+    corrections trained for another one.
+    """
+
+    mode = None
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+
+    def check_compatible(self, *args: Any) -> None:
+        return None
+
+    def tables_for(self, graph_slots) -> list[torch.Tensor]:
+        return [torch.zeros(self.num_steps, 2, s.shape[channel_dim(len(s.shape))] if s.shape else 1,
+                            dtype=s.dtype, device=s.device) for s in graph_slots]
 
 
 def _diff(old: tuple, new: tuple) -> str:

@@ -22,6 +22,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.errors import BccInternalError
 
+from bcc.scale_shift import broadcast_shape, channel_dim
+
 from .annotate_blocks import BLOCKS, META
 from .outline_blocks import PREFIX
 
@@ -98,10 +100,22 @@ class _Holder(torch.nn.Module):
         self.block = block
 
 
-def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: bool) -> fx.GraphModule:
+def _adjust(g: fx.Graph, cache: fx.Node, row: fx.Node, val: torch.Tensor) -> fx.Node:
+    """``(1 + gamma) * cache + beta`` with ``row = [[gamma], [beta]]`` of shape ``[1, 2, C]``."""
+    shape = broadcast_shape(val.dim(), int(val.shape[channel_dim(val.dim())]) if val.dim() else 1)
+    pair = g.call_function(aten.select.int, (row, 0, 0))
+    gamma = g.call_function(aten.reshape.default, (g.call_function(aten.select.int, (pair, 0, 0)), shape))
+    beta = g.call_function(aten.reshape.default, (g.call_function(aten.select.int, (pair, 0, 1)), shape))
+    scaled = g.call_function(aten.mul.Tensor, (cache, g.call_function(aten.add.Tensor, (gamma, 1))))
+    return g.call_function(aten.add.Tensor, (scaled, beta))
+
+
+def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: bool,
+            scale_shift: bool = False) -> fx.GraphModule:
     g = fx.Graph()
     sub_outs = list(sub.graph.output_node().args[0])
     caches = [g.placeholder(f"cache_{j}") for j in range(len(bases))]
+    rows = [g.placeholder(f"ss_{j}") for j in range(len(bases))] if scale_shift else []
     xs = [g.placeholder(f"x_{k}") for k in range(n_in)]
     outs: list[fx.Node] = []
     new: list[fx.Node] = []
@@ -118,8 +132,12 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
             # a transposed view, so every output is made contiguous; caches always are.
             # A branch may not return one of its operands (inductor: "cond_false might be
             # aliasing the input"), hence the clone of the untouched cache.
-            outs.append(_contiguous(g, g.call_function(aten.add.Tensor, (xs[base], caches[j])), like=sub_outs[j])
-                        if base is not None else g.call_function(aten.clone.default, (caches[j],)))
+            reused = _adjust(g, caches[j], rows[j], _val(sub_outs[j])) if scale_shift else caches[j]
+            if base is not None:
+                outs.append(_contiguous(g, g.call_function(aten.add.Tensor, (xs[base], reused)), like=sub_outs[j]))
+            else:
+                outs.append(_contiguous(g, reused, like=sub_outs[j]) if scale_shift
+                            else g.call_function(aten.clone.default, (reused,)))
             new.append(g.call_function(aten.clone.default, (caches[j],)))
     g.output(tuple(outs + new))
     root = _Holder(sub) if recompute else torch.nn.Module()
@@ -132,6 +150,10 @@ class GateBlocksPass(PassBase):
     Adds placeholders ``bcc_schedule`` (bool ``[T, K]``), ``bcc_step`` (0-d int64) and
     one ``bcc_cache_*`` per cached tensor at the front, and appends the new caches to
     the outputs. Writes ``gm.meta["bcc_cache_slots"]`` (a :class:`CacheSlot` each).
+
+    With ``scale_shift=True`` it also adds one ``bcc_ss_*`` input per cache slot (a
+    ``[T, 2, C]`` table of ``gamma, beta``); the reuse branch then returns
+    ``(1 + gamma[step]) * cache + beta[step]`` where it returned ``cache``.
 
     Example:
         >>> import torch
@@ -152,9 +174,10 @@ class GateBlocksPass(PassBase):
         1
     """
 
-    def __init__(self, mode: str = "residual"):
+    def __init__(self, mode: str = "residual", scale_shift: bool = False):
         super().__init__()
         self.mode = mode
+        self.scale_shift = scale_shift
 
     def requires(self, gm: fx.GraphModule) -> None:
         if BLOCKS not in gm.meta:
@@ -186,6 +209,11 @@ class GateBlocksPass(PassBase):
                     nodes.append(graph.placeholder(f"bcc_cache_{i}_{j}"))
             cache_nodes.append(nodes)
             plans.append((node, sub, bases))
+        ss_nodes: list[list[fx.Node]] = []
+        for i, nodes in enumerate(cache_nodes):
+            with graph.inserting_before(first):
+                ss_nodes.append([graph.placeholder(f"bcc_ss_{i}_{j}") for j in range(len(nodes))]
+                                if self.scale_shift else [])
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
         with graph.inserting_after(last):
             step1 = graph.call_function(aten.reshape.default, (step, [1]))
@@ -196,8 +224,8 @@ class GateBlocksPass(PassBase):
         new_caches: list[fx.Node] = []
         for i, (node, sub, bases) in enumerate(plans):
             n_in = len(node.args)
-            true_gm = _branch(sub, n_in, bases, recompute=True)
-            false_gm = _branch(sub, n_in, bases, recompute=False)
+            true_gm = _branch(sub, n_in, bases, recompute=True, scale_shift=self.scale_shift)
+            false_gm = _branch(sub, n_in, bases, recompute=False, scale_shift=self.scale_shift)
             true_name, false_name = f"bcc_recompute_{i}", f"bcc_reuse_{i}"
             gm.add_submodule(true_name, true_gm)
             gm.add_submodule(false_name, false_gm)
@@ -207,11 +235,13 @@ class GateBlocksPass(PassBase):
                 # own lowering with other strides, so operands enter contiguous.
                 operands = tuple(a if a.op == "get_attr" else _contiguous(graph, a) for a in node.args)
                 pred = graph.call_function(aten.select.int, (row, 0, i))
+                # This step's [1, 2, C] rows are picked outside the branch, like the predicate.
+                ss_rows = tuple(graph.call_function(aten.index_select.default, (t, 0, step1)) for t in ss_nodes[i])
                 t_attr = graph.get_attr(true_name)
                 f_attr = graph.get_attr(false_name)
                 cond = graph.call_function(
                     torch.ops.higher_order.cond,
-                    (pred, t_attr, f_attr, tuple(cache_nodes[i]) + operands),
+                    (pred, t_attr, f_attr, tuple(cache_nodes[i]) + ss_rows + operands),
                 )
                 n_out = len(bases)
                 getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(2 * n_out)]

@@ -1,0 +1,298 @@
+"""Scale-shift: exact semantics in the reuse branch, identity = naive, files, errors, training."""
+import math
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import bcc
+from bcc import BccError, ErrorCode, Schedule, ScaleShift
+from bcc.reference import HookReference
+from bcc.scale_shift import SlotSpec
+
+from conftest import built, run, trajectory_inputs
+from toys import Toy, ToyTwoOut
+
+MASK = torch.tensor([[1, 1], [0, 1], [0, 0], [1, 0], [0, 0]], dtype=torch.bool)
+
+
+def _steps(n, shape=(2, 3)):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(shape, generator=g), torch.tensor(float(100 - s))) for s in range(n)]
+
+
+def _toy_ss(schedule, mode="residual"):
+    """gamma = 0.5 * (step + 1), beta = -step on every channel of both blocks."""
+    ss = ScaleShift.identity(schedule, [SlotSpec("b0", 0, 3, 2), SlotSpec("b1", 0, 3, 2)], kind="table", mode=mode)
+    assert ss.slots[0].matches("b0", (2, 3)) and not ss.slots[0].matches("b1", (2, 3))
+    with torch.no_grad():
+        for table in ss.table:
+            for s in range(schedule.num_steps):
+                table[s, 0] = 0.5 * (s + 1)
+                table[s, 1] = -float(s)
+    return ss
+
+
+def _expected(mask, steps, mode):
+    """Toy (b0 = 2x, b1 = x + 10) with the corrections of _toy_ss, by hand."""
+    outs, c0, c1 = [], None, None
+    for s, (x, t) in enumerate(steps):
+        g, b = 1 + 0.5 * (s + 1), -float(s)
+        if mask[s, 0]:
+            h = x * 2
+            c0 = h - x if mode == "residual" else h
+        else:
+            h = x + (g * c0 + b) if mode == "residual" else g * c0 + b
+        if mask[s, 1]:
+            h2 = h + 10
+            c1 = h2 - h if mode == "residual" else h2
+        else:
+            h2 = h + (g * c1 + b) if mode == "residual" else g * c1 + b
+        outs.append(h2 + t)
+    return outs
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("mode", ["residual", "output"])
+def test_reuse_branch_applies_scale_shift_exactly(backend, mode):
+    schedule = Schedule(MASK, ("b0", "b1"))
+    steps = _steps(5)
+    model = bcc.compile(Toy(), schedule, backend=backend, mode=mode, scale_shift=_toy_ss(schedule, mode))
+    got = [model(x, t) for x, t in steps]
+    for a, b in zip(got, _expected(MASK, steps, mode)):
+        torch.testing.assert_close(a, b, rtol=0 if backend == "eager" else 1e-6, atol=0 if backend == "eager" else 1e-5)
+
+
+def test_identity_scale_shift_reproduces_naive_caching_bitwise():
+    model, args, kwargs = built("unet-tiny")
+    names = bcc.find_blocks(model, (args, kwargs))
+    schedule = Schedule.every(3, 6, names)
+    traj = trajectory_inputs("unet-tiny", model, 6)
+    naive = run(bcc.compile(model, schedule, backend="eager"), traj)
+    probe = bcc.compile(model, schedule, backend="eager")
+    run(probe, traj[:1])
+    ss = ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots, model=model)
+    with_ss = run(bcc.compile(model, schedule, backend="eager", scale_shift=ss), traj)
+    for a, b in zip(naive, with_ss):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["unet-tiny", "pixart"])
+def test_compiled_scale_shift_equals_hook_reference_with_random_tables(name):
+    model, args, kwargs = built(name)
+    names = bcc.find_blocks(model, (args, kwargs))
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(6, len(names), generator=g) < 0.5
+    mask[0] = True
+    schedule = Schedule(mask, tuple(names))
+    traj = trajectory_inputs(name, model, 6)
+    probe = bcc.compile(model, schedule, backend="eager")
+    run(probe, traj[:1])
+    ss = ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots, model=model)
+    with torch.no_grad():
+        for t in ss.table:
+            t.copy_(0.2 * torch.randn(t.shape, generator=g))
+    ref = HookReference(model, schedule, scale_shift=ss)
+    try:
+        want = run(model, traj)
+    finally:
+        ref.remove()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = bcc.compile(model, schedule, backend=counter, scale_shift=ss)
+    got = run(compiled, traj) + run(compiled, traj)
+    for a, b in zip(got, want + want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert counter.frame_count == 1  # one graph for both trajectories, corrections included
+    naive = run(bcc.compile(model, schedule, backend="eager"), traj)
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(naive, want))  # the tables did something
+
+
+def test_two_output_block_gets_a_correction_per_stream():
+    schedule = Schedule.every(2, 4, ["pair"])
+    model = ToyTwoOut()
+    x, ctx = torch.randn(2, 3), torch.randn(2, 5)  # streams of different widths (Flux: text vs image)
+    probe = bcc.compile(model, schedule, backend="eager")
+    probe(x, ctx, torch.tensor(1.0))
+    ss = ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots)
+    with torch.no_grad():
+        ss.table[0][:, 0] = 1.0   # stream 0: doubled
+        ss.table[1][:, 1] = 5.0   # stream 1: shifted
+    ref = HookReference(model, schedule, scale_shift=ss)
+    try:
+        want = [model(x + s, ctx - s, torch.tensor(2.0)) for s in range(4)]
+    finally:
+        ref.remove()
+    compiled = bcc.compile(model, schedule, backend="inductor", scale_shift=ss)
+    got = [compiled(x + s, ctx - s, torch.tensor(2.0)) for s in range(4)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_block_with_two_outputs_of_one_shape_is_refused():
+    schedule = Schedule.every(2, 4, ["pair"])
+    model = ToyTwoOut()
+    x = torch.randn(2, 3)
+    probe = bcc.compile(model, schedule, backend="eager")
+    probe(x, x, torch.tensor(1.0))
+    with pytest.raises(BccError) as e:
+        ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots).tables_for(probe._bcc_current.lowered.slots)
+    assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
+    with pytest.raises(BccError) as e:
+        bcc.train_scale_shift(model, schedule, lambda m, c, s: [m(x, x, torch.tensor(1.0)) for _ in range(4)], [None],
+                              iterations=1, progress=False)
+    assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path):
+    schedule = Schedule(MASK, ("b0", "b1"))
+    ss = _toy_ss(schedule)
+    path = ss.save(tmp_path / "ss.safetensors", iteration=7)
+    back = ScaleShift.load(path)
+    assert back.header["iteration"] == 7 and back.slots == ss.slots
+    for a, b in zip(back.tables(), ss.tables()):
+        assert torch.equal(a, b)
+    back.check_compatible(schedule)
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(BccError) as e:
+        ScaleShift.load(truncated)
+    assert e.value.code is ErrorCode.FILE_INVALID
+    with pytest.raises(BccError) as e:
+        ScaleShift.load(tmp_path / "missing.safetensors")
+    assert e.value.code is ErrorCode.FILE_INVALID
+
+
+def test_parameters_for_another_schedule_model_steps_or_mode_are_refused():
+    schedule = Schedule(MASK, ("b0", "b1"))
+    ss = _toy_ss(schedule)
+    ss.model_fp = bcc.profile.model_fingerprint(Toy())
+    for other, kwargs in [
+        (Schedule.every(2, 5, ["b0", "b1"]), {}),                       # another pattern
+        (Schedule.every(2, 6, ["b0", "b1"]), {}),                       # another step count
+        (schedule, {"mode": "output"}),                                 # another cache mode
+    ]:
+        with pytest.raises(BccError) as e:
+            bcc.compile(Toy(), other, backend="eager", scale_shift=ss, **kwargs)
+        assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
+    with pytest.raises(BccError) as e:
+        bcc.compile(torch.nn.Linear(3, 3), schedule, backend="eager", scale_shift=ss)
+    assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
+
+
+def test_set_schedule_without_parameters_falls_back_to_naive_caching():
+    schedule = Schedule(MASK, ("b0", "b1"))
+    steps = _steps(5)
+    model = bcc.compile(Toy(), schedule, backend="eager", scale_shift=_toy_ss(schedule))
+    [model(x, t) for x, t in steps]
+    other = Schedule.every(2, 5, ["b0", "b1"])
+    model.set_schedule(other)
+    got = [model(x, t) for x, t in steps]
+    naive = bcc.compile(Toy(), other, backend="eager")
+    for a, b in zip(got, [naive(x, t) for x, t in steps]):
+        assert torch.equal(a, b)
+
+
+# -- training -----------------------------------------------------------------------------
+class Scaled(torch.nn.Module):
+    """Output ``a(t) * conv(x) + b(t)``: on a fixed input, a reused output is wrong by exactly
+    a per-step affine map, which scale-shift can learn (output mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (1 + t / 1000) + t / 1000
+
+
+class Drift(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = Scaled()
+        self.out = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, t):
+        return self.out(self.blk(x, t))
+
+
+def _drift_sample(model, cond, seed):
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))  # a fixed batch
+    return [model(x, torch.tensor(900.0 - 150 * s)) for s in range(6)]
+
+
+@pytest.mark.parametrize("kind", ["table", "linear"])
+@pytest.mark.parametrize("loss", ["output", "block"])
+def test_training_loss_falls_on_a_fixed_batch(kind, loss):
+    torch.manual_seed(0)
+    model = Drift()
+    schedule = Schedule.every(3, 6, ["blk"])
+    before = [p.detach().clone() for p in model.parameters()]
+    ss = bcc.train_scale_shift(model, schedule, _drift_sample, [None], iterations=60, kind=kind, loss=loss,
+                               lr=2e-2, mode="output", progress=False)
+    first, last = ss.history[0][f"loss_{loss}"], ss.history[-1][f"loss_{loss}"]
+    assert last < 0.1 * first, (first, last)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights stay frozen
+    assert all(p.requires_grad for p in model.parameters())                   # and are restored
+    assert ss.meta["embedding"] == ("sinusoidal" if kind == "linear" else None)
+    # The trained corrections, compiled, bring the cached outputs close to the uncached ones.
+    with torch.no_grad():
+        teacher = torch.stack(_drift_sample(model, None, 0))
+        naive = torch.stack(_drift_sample(bcc.compile(model, schedule, backend="eager", mode="output"), None, 0))
+        fixed = torch.stack(_drift_sample(
+            bcc.compile(model, schedule, backend="inductor", mode="output", scale_shift=ss), None, 0))
+    assert (fixed - teacher).abs().mean() < 0.2 * (naive - teacher).abs().mean()
+
+
+def test_nothing_to_train_and_bad_options():
+    model = Drift()
+    with pytest.raises(BccError) as e:
+        bcc.train_scale_shift(model, Schedule.all_compute(6, ["blk"]), _drift_sample, [None], progress=False)
+    assert e.value.code is ErrorCode.NOTHING_TO_TRAIN
+    for kwargs in ({"kind": "mlp"}, {"loss": "l1"}, {"lr": -1.0}, {"iterations": 0}):
+        with pytest.raises(BccError) as e:
+            bcc.train_scale_shift(model, Schedule.every(2, 6, ["blk"]), _drift_sample, [None], progress=False, **kwargs)
+        assert e.value.code is ErrorCode.CONFIG_INVALID
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = Drift()
+    calls = {"n": 0}
+
+    def sample(m, cond, seed):
+        calls["n"] += 1
+        x = torch.randn(2, 4, 3, 3)
+        if calls["n"] == 4:
+            x[0, 0, 0, 0] = math.nan
+        for s in range(6):
+            m(x, torch.tensor(float(6 - s)))
+
+    path = tmp_path / "ss.safetensors"
+    with pytest.raises(BccError) as e:
+        bcc.train_scale_shift(model, Schedule.every(2, 6, ["blk"]), sample, [None], iterations=10, kind="table",
+                              checkpoint=path, checkpoint_every=1, progress=False)
+    assert e.value.code is ErrorCode.TRAINING_DIVERGED and str(path) in str(e.value)
+    kept = ScaleShift.load(path)
+    assert kept.header["iteration"] == 3
+    assert all(torch.isfinite(t).all() for t in kept.tables())
+    assert all(p.requires_grad for p in model.parameters())  # restored on the error path too
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    model, schedule = Drift(), Schedule.every(3, 6, ["blk"])
+    path = tmp_path / "ss.safetensors"
+    bcc.train_scale_shift(model, schedule, _drift_sample, [None], iterations=4, kind="table", checkpoint=path,
+                          checkpoint_every=2, progress=False)
+    ss = bcc.train_scale_shift(model, schedule, _drift_sample, [None], iterations=6, kind="table", checkpoint=path,
+                               resume=True, progress=False)
+    assert [h["iteration"] for h in ss.history] == [1, 2, 3, 4, 5, 6]
+    assert ScaleShift.load(path).header["iteration"] == 6
+
+
+def test_sampler_with_the_wrong_step_count_is_refused():
+    def sample(m, cond, seed):
+        for s in range(5):
+            m(torch.randn(2, 4, 3, 3), torch.tensor(float(s)))
+
+    with pytest.raises(BccError) as e:
+        bcc.train_scale_shift(Drift(), Schedule.every(2, 6, ["blk"]), sample, [None], iterations=1, progress=False)
+    assert e.value.code is ErrorCode.STEP_MISMATCH
