@@ -15,6 +15,7 @@ shapes is refused (``BCC703``); export again for another shape.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,7 +145,7 @@ def export(
                        "bcc.Schedule.every(n, steps, bcc.find_blocks(model, example_inputs)).")
     args, kwargs = _split_inputs(example_inputs)
     captured, weights = _weights_as_inputs(capture(model, args, kwargs))
-    gm = rewrite(captured, names=schedule.block_names, mode=mode)
+    gm = _own_predicates(rewrite(captured, names=schedule.block_names, mode=mode))
     names = tuple(gm.meta[BLOCKS])
     ordered = schedule.reorder(names)
     slots = tuple(gm.meta[SLOTS])
@@ -204,8 +205,17 @@ class _Program(torch.nn.Module):
         self._weights = weights
         # A plain tensor attribute, not a buffer: export records it as a constant.
         self._schedule = schedule
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: -len(weights) or None]
 
-    def forward(self, *inputs: torch.Tensor):
+        # export names the program's inputs after forward's parameters: give them the graph's names.
+        def forward(*inputs: torch.Tensor):
+            return self._call(*inputs)
+
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names[schedule is not None:]])
+        self.forward = forward
+
+    def _call(self, *inputs: torch.Tensor):
         head = () if self._schedule is None else (self._schedule,)
         weights = [_fetch(self.rewritten, w) for w in self._weights]
         return self.rewritten(*head, *inputs, *weights)
@@ -234,6 +244,24 @@ def _weights_as_inputs(captured: Captured) -> tuple[Captured, list[str]]:
         last = ph
     gm.recompile()
     return captured, targets
+
+
+def _own_predicates(gm: fx.GraphModule) -> fx.GraphModule:
+    """Give every ``cond`` a predicate tensor of its own, not a view into the schedule row.
+
+    AOTInductor's C++ wrapper (torch 2.13) names a predicate's host copy after its
+    buffer, so two predicates that are views of one schedule row share one value:
+    every block followed block 0's bit. ``eq`` makes a new buffer (inductor drops a
+    ``clone`` as a no-op).
+    """
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.higher_order.cond:
+            with gm.graph.inserting_before(node):
+                pred = gm.graph.call_function(torch.ops.aten.eq.Scalar, (node.args[0], True))
+            pred.meta.update(node.args[0].meta)
+            node.update_arg(0, pred)
+    gm.recompile()
+    return gm
 
 
 def _jsonable(signature: tuple) -> list:
