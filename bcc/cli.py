@@ -4,6 +4,7 @@
     bcc schedule --profile profile.json --speedup 1.8 --out schedule.json --plot schedule.png
     bcc show schedule.json
     bcc plot profile.json --out change.png
+    bcc export --model zoo:unet-tiny --schedule schedule.json --out unet.pt2 [--aoti] [--baked]
 
 Errors a user can fix (``BccError``, missing or unwritable files, bad values) print one
 line, ``bcc: error: [BCCnnn] ...``, and exit with status 2 (``--debug`` shows the
@@ -13,6 +14,7 @@ traceback instead); anything else is a bug and keeps its traceback. ``bcc calibr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -121,6 +123,23 @@ def _calibrate_setup(args) -> tuple[Any, Callable, list, list, Any, float | None
     return model, sample, classes, seeds, scheduler, guidance, meta
 
 
+@contextlib.contextmanager
+def process_group():
+    """Under torchrun (WORLD_SIZE > 1) join a gloo group for the block; yields (world, rank)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = torch.distributed
+    created = world > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo")
+    try:
+        yield world, (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def _cmd_calibrate(args) -> int:
     import torch
 
@@ -130,19 +149,10 @@ def _cmd_calibrate(args) -> int:
         torch.set_num_threads(max(1, args.threads))
     model, sample, conditions, seeds, scheduler, guidance, meta = _calibrate_setup(args)
     blocks: Any = "attention" if args.blocks == "attention" else [b.strip() for b in args.blocks.split(",") if b.strip()]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = torch.distributed
-    created = world > 1 and not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    try:
+    with process_group() as (world, rank):
         profile = calibrate(model, sample, conditions, seeds, blocks=blocks, mode=args.mode, scheduler=scheduler,
                             guidance_scale=guidance, progress=progress)
-    finally:
-        if created:
-            dist.destroy_process_group()
     if rank != 0:
         return 0
     meta["world_size"] = world
@@ -279,7 +289,67 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+# -- export ------------------------------------------------------------------------------
+def _export_model(args) -> tuple[Any, tuple, dict]:
+    """The model and one step's example inputs (every shape of the artifact comes from them)."""
+    import torch
+
+    if args.latent < 1 or args.batch < 1:
+        raise BccError(ErrorCode.CONFIG_INVALID, "--latent and --batch must be >= 1.")
+    if args.model.startswith("zoo:"):
+        from . import zoo
+
+        name = args.model[4:]
+        if name not in zoo.MODELS:
+            raise BccError(ErrorCode.CONFIG_INVALID, f"unknown zoo model {name!r}; choose from {sorted(zoo.MODELS)}.")
+        return zoo.build(name, latent=args.latent, batch=args.batch, seed=0)
+    if args.model != "digits-unet":
+        raise BccError(ErrorCode.CONFIG_INVALID, f"unknown --model {args.model!r}; use digits-unet or zoo:<name>.")
+    from .digits import model as digits_model
+
+    unet, _, _ = digits_model.load_digits_unet(args.model_dir)
+    size = int(unet.config.sample_size)
+    x = torch.zeros(args.batch, unet.config.in_channels, size, size)
+    context = torch.zeros(args.batch, digits_model.TOKENS_PER_LABEL, digits_model.CROSS_ATTENTION_DIM)
+    return unet, (x, torch.tensor(999)), {"encoder_hidden_states": context, "return_dict": False}
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from .export import export, meta_path, save_exported
+    from .schedule import Schedule
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    schedule = Schedule.load(args.schedule)
+    model, margs, mkwargs = _export_model(args)
+    ep = export(model, schedule, (margs, mkwargs), schedule_input=not args.baked, mode=args.mode)
+    path = save_exported(ep, args.out, aoti=args.aoti)
+    print(f"wrote {path} ({'AOTInductor package' if args.aoti else 'torch.export program'}, "
+          f"{schedule.num_blocks} gated blocks, {schedule.num_steps} steps, schedule "
+          f"{'baked in' if args.baked else 'as an input'}, static input shape {tuple(margs[0].shape)})")
+    print(f"wrote {meta_path(path)}")
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
+def add_sampling_args(c: argparse.ArgumentParser) -> None:
+    """The model and sampler options shared by the commands that run trajectories."""
+    c.add_argument("--model", required=True, metavar="NAME", help="digits-unet, digits-dit, or zoo:<name> (e.g. zoo:unet-tiny)")
+    c.add_argument("--model-dir", metavar="DIR", help="digits model folder (default: the shipped one)")
+    c.add_argument("--scheduler", choices=("ddim", "dpm", "ddpm"), help="digits sampler (default ddim)")
+    c.add_argument("--steps", type=int, metavar="T", default=20, help="sampling steps (default 20)")
+    c.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale for digits (default 3.0; 1 = off)")
+    c.add_argument("--classes", metavar="LIST", help="digit labels, e.g. 0-9 (default) or 1,3,7")
+    c.add_argument("--per-class", type=int, metavar="N", help="images per run (batch of one label; default 4)")
+    c.add_argument("--latent", type=int, metavar="N", default=8, help="zoo models: latent size (default 8)")
+    c.add_argument("--batch", type=int, metavar="N", default=2, help="zoo models: batch size (default 2)")
+    c.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -308,23 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "  seed (for tests; its curves mean nothing).\n"
                        "Under torchrun (WORLD_SIZE > 1) the runs are split over the processes (gloo)\n"
                        "and rank 0 writes the files; the profile equals a single-process one.")
-    c.add_argument("--model", required=True, metavar="NAME", help="digits-unet, digits-dit, or zoo:<name> (e.g. zoo:unet-tiny)")
-    c.add_argument("--model-dir", metavar="DIR", help="digits model folder (default: the shipped one)")
-    c.add_argument("--scheduler", choices=("ddim", "dpm", "ddpm"), help="digits sampler (default ddim)")
-    c.add_argument("--steps", type=int, metavar="T", default=20, help="sampling steps (default 20)")
-    c.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale for digits (default 3.0; 1 = off)")
-    c.add_argument("--classes", metavar="LIST", help="digit labels, e.g. 0-9 (default) or 1,3,7")
-    c.add_argument("--per-class", type=int, metavar="N", help="images per run (batch of one label; default 4)")
+    add_sampling_args(c)
     c.add_argument("--seeds", metavar="LIST", default="0,1", help="seeds per condition, e.g. 0,1 (default) or 0-3")
     c.add_argument("--mode", choices=("residual", "output"), default="residual",
                    help="quantity measured; match the mode you compile with (default residual)")
     c.add_argument("--blocks", metavar="SEL", default="attention",
                    help="'attention' (default) or comma-separated module paths/globs, e.g. 'transformer_blocks.*'")
-    c.add_argument("--latent", type=int, metavar="N", default=8, help="zoo models: latent size (default 8)")
-    c.add_argument("--batch", type=int, metavar="N", default=2, help="zoo models: batch size (default 2)")
-    c.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
-    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
     c.add_argument("--out", required=True, metavar="FILE", help="change profile JSON to write")
     c.add_argument("--plot", metavar="PNG", help="also write the change curves to this PNG")
     c.set_defaults(func=_cmd_calibrate)
@@ -365,13 +424,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, metavar="N", help="profiles: only the N blocks with the largest mean change")
     p.set_defaults(func=_cmd_plot)
 
+    e = sub.add_parser("export", parents=[common], formatter_class=fmt, help="write a .pt2 with the schedule inside",
+                       description="Export a model with its blocks gated on a schedule as one torch.export program\n"
+                       "(or, with --aoti, an AOTInductor package) plus FILE.bcc.json beside it (schedule,\n"
+                       "block names, cache shapes, format version). Load it with bcc.load_exported(FILE).\n"
+                       "Shapes are static: batch --batch, resolution --latent (zoo) or the model's own.")
+    e.add_argument("--model", required=True, metavar="NAME", help="digits-unet or zoo:<name> (e.g. zoo:unet-tiny)")
+    e.add_argument("--model-dir", metavar="DIR", help="digits model folder (default: the shipped one)")
+    e.add_argument("--schedule", required=True, metavar="FILE", help="schedule JSON from 'bcc schedule'")
+    e.add_argument("--out", required=True, metavar="FILE", help=".pt2 to write")
+    e.add_argument("--aoti", action="store_true", help="compile an AOTInductor package (C++, slower to build)")
+    e.add_argument("--baked", action="store_true",
+                   help="bake the schedule in as a constant (default: a program input, swappable)")
+    e.add_argument("--mode", choices=("residual", "output"), default="residual", help="what is cached (default residual)")
+    e.add_argument("--latent", type=int, metavar="N", default=8, help="zoo models: latent size (default 8)")
+    e.add_argument("--batch", type=int, metavar="N", default=2, help="batch size (default 2)")
+    e.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
+    e.set_defaults(func=_cmd_export)
+
     b = sub.add_parser("bench", help="run a benchmark (measures and writes results; asserts nothing)",
                        description="Benchmarks. 'bcc bench quality [options]' runs the paper's Table 1 protocol on "
                        "the shipped digits model (see 'bcc bench quality --help').")
     b.add_argument("which", choices=["quality"], help="which benchmark")
     b.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
     b.set_defaults(func=_cmd_bench)
-    # Later: export, train register here the same way.
+    from .cli_train import add_train_parser
+
+    add_train_parser(sub, common)
+    # Later: export registers here the same way.
     return parser
 
 

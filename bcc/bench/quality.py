@@ -2,7 +2,8 @@
 
 For each solver and step count T: the uncached baseline at T steps; the baseline at
 fewer steps T' with the same *measured* cost as caching; and naive caching with the
-automatic schedule (Eq. 7 at a compute budget). Each row: FD-digits against the 5,000
+automatic schedule (Eq. 7 at a compute budget); and caching with scale-shift
+trained by distillation for that schedule (``bcc.train_scale_shift``). Each row: FD-digits against the 5,000
 real digits (mean ± sd over seeds; NOT Inception FID), class accuracy, precision /
 recall, paired PSNR / SSIM / label flips against the baseline from the same noise,
 measured speedup (compiled models, alternating runs, medians) and the predicted
@@ -54,18 +55,28 @@ def _time(models: dict, run, labels, repeats):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log):
+def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log,
+                 ss_iterations=150, ss_kind="table", ss_loss="output"):
     model, conditioner, train_sched = load_digits_model(default_model_dir(arch))
+    if arch == "dit":
+        blocks = "attention"  # every transformer block: nearly all of a DiT's FLOPs
     scheduler = make_scheduler(solver, train_sched)
     run_t = _sampler(model, conditioner, scheduler, steps, guidance)
     log(f"== {arch} {solver}-{steps}: calibrating")
     profile = bcc.calibrate(model, lambda m, label, seed: run_t(m, [label] * 4, seed), list(range(10)), seeds=[100, 101],
                             scheduler=scheduler, guidance_scale=guidance, blocks=blocks, progress=False)
     schedule = bcc.Schedule.for_budget(profile, budget)
+    log(f"   training scale-shift ({ss_kind}, {ss_loss} loss, {ss_iterations} trajectories of 8)")
+    t0 = time.perf_counter()
+    ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run_t(m, [label] * 8, seed), list(range(10)),
+                               iterations=ss_iterations, kind=ss_kind, loss=ss_loss, seed=5000, progress=False)
+    ss_seconds = time.perf_counter() - t0
+    ss.save(out_dir / f"{arch}_{solver}{steps}_scale_shift.safetensors")
     cached = bcc.compile(model, schedule)
+    cached_ss = bcc.compile(model, schedule, scale_shift=ss)
     plain = torch.compile(model, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
     speed_labels = list(range(10)) * 2
-    med = _time({"plain": plain, "bcc": cached}, run_t, speed_labels, repeats)
+    med = _time({"plain": plain, "bcc": cached, "bcc_ss": cached_ss}, run_t, speed_labels, repeats)
     measured = med["plain"] / med["bcc"]
     fewer = max(1, round(steps / measured))
     log(f"   schedule fraction {schedule.compute_fraction():.3f} (ideal {schedule.ideal_speedup():.2f}x), "
@@ -76,17 +87,20 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
                   speed_labels, repeats)
     real, _ = load_digits("all")
     labels = torch.arange(n) % 10
-    rows = {"baseline": [], "fewer": [], "cached": []}
+    rows = {"baseline": [], "fewer": [], "cached": [], "cached_ss": []}
     samples = {}
     baselines = []
     eager_cached = bcc.compile(model, schedule, backend="eager")
+    eager_ss = bcc.compile(model, schedule, backend="eager", scale_shift=ss)
     for seed in seeds:
-        log(f"   seed {seed}: sampling {n} x 3")
-        base = _generate(run_t, model, labels, seed, chunk)
-        few = _generate(run_f, model, labels, seed, chunk)
-        cach = _generate(run_t, eager_cached, labels, seed, chunk)
-        samples.setdefault("baseline", base[:40]); samples.setdefault("fewer", few[:40]); samples.setdefault("cached", cach[:40])
-        for name, imgs in (("baseline", base), ("fewer", few), ("cached", cach)):
+        log(f"   seed {seed}: sampling {n} x 4")
+        outs = {"baseline": _generate(run_t, model, labels, seed, chunk),
+                "fewer": _generate(run_f, model, labels, seed, chunk),
+                "cached": _generate(run_t, eager_cached, labels, seed, chunk),
+                "cached_ss": _generate(run_t, eager_ss, labels, seed, chunk)}
+        base = outs["baseline"]
+        for name, imgs in outs.items():
+            samples.setdefault(name, imgs[:40])
             d = distribution_report(imgs, labels, real)
             d.update({f"paired_{k}": v for k, v in paired_report(imgs, base).items() if k != "n"})
             rows[name].append(d)
@@ -98,13 +112,18 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         "guidance": guidance, "budget": budget, "blocks": blocks,
         "compute_fraction": schedule.compute_fraction(), "ideal_speedup": schedule.ideal_speedup(),
         "threshold": schedule.meta["threshold"],
-        "speedup": {"cached": measured, "fewer": med["plain"] / med_f["fewer"] if "fewer" in med_f else None},
-        "median_seconds": {"plain": med["plain"], "bcc": med["bcc"], "fewer": med_f.get("fewer")},
+        "speedup": {"cached": measured, "cached_ss": med["plain"] / med["bcc_ss"],
+                    "fewer": med["plain"] / med_f["fewer"] if "fewer" in med_f else None},
+        "median_seconds": {"plain": med["plain"], "bcc": med["bcc"], "bcc_ss": med["bcc_ss"], "fewer": med_f.get("fewer")},
+        "scale_shift": {"kind": ss_kind, "loss": ss_loss, "iterations": ss_iterations, "train_seconds": ss_seconds,
+                        "parameters": ss.num_parameters(), "overhead": med["bcc_ss"] / med["bcc"] - 1,
+                        "loss_first": ss.history[0][f"loss_{ss_loss}"], "loss_last10": statistics.mean(
+                            h[f"loss_{ss_loss}"] for h in ss.history[-10:])},
         "rows": rows,
         "seed_to_seed_fd": seed_to_seed,
     }
-    # Rows: 2 x baseline, 2 x fewer steps, 2 x cached; columns are digits 0-9.
-    grid = make_grid(torch.cat([samples["baseline"][:20], samples["fewer"][:20], samples["cached"][:20]]), nrow=10, scale=3)
+    # Rows: 2 x baseline, 2 x fewer steps, 2 x cached, 2 x cached + scale-shift; columns are digits 0-9.
+    grid = make_grid(torch.cat([samples[k][:20] for k in ("baseline", "fewer", "cached", "cached_ss")]), nrow=10, scale=3)
     grid.save(out_dir / f"{arch}_{solver}{steps}_grid.png")
     schedule.save(out_dir / f"{arch}_{solver}{steps}_schedule.json")
     return result
@@ -146,8 +165,9 @@ def markdown(results, floor, command, threads=None):
     for r in results:
         for row, steps, speed, frac in (("baseline", r["steps"], 1.0, 1.0),
                                         ("fewer steps", r["fewer_steps"], r["speedup"]["fewer"], r["fewer_steps"] / r["steps"]),
-                                        ("cached", r["steps"], r["speedup"]["cached"], r["compute_fraction"])):
-            key = {"fewer steps": "fewer"}.get(row, row)
+                                        ("cached", r["steps"], r["speedup"]["cached"], r["compute_fraction"]),
+                                        ("cached + scale-shift", r["steps"], r["speedup"]["cached_ss"], r["compute_fraction"])):
+            key = {"fewer steps": "fewer", "cached + scale-shift": "cached_ss"}.get(row, row)
             rs = r["rows"][key]
             fd = _agg([x["fd_digits"] for x in rs])
             acc = _agg([x["accuracy"] for x in rs])
@@ -166,6 +186,11 @@ def markdown(results, floor, command, threads=None):
         s2s = _agg(r["seed_to_seed_fd"])
         lines.append(f"- {r['arch']} {r['solver']}-{r['steps']}: seed-to-seed FD-digits floor {s2s[0]:.2f} ± {s2s[1]:.2f}; "
                      f"schedule threshold {r['threshold']:.3f}, ideal speedup {r['ideal_speedup']:.2f}x.")
+        t = r["scale_shift"]
+        lines.append(f"  Scale-shift: {t['kind']} form, {t['loss']} loss, {t['iterations']} trajectories, "
+                     f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
+                     f"loss {t['loss_first']:.2e} -> {t['loss_last10']:.2e} (last 10); "
+                     f"time per trajectory vs naive caching {t['overhead']:+.1%}.")
     return "\n".join(lines) + "\n"
 
 
@@ -173,7 +198,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bcc bench quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["ddim-20", "dpm-20", "ddim-50", "dpm-50"])
-    ap.add_argument("--arch", default="unet")
+    ap.add_argument("--arch", nargs="+", choices=["unet", "dit"], default=["unet", "dit"])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budget", type=float, default=0.6, help="compute fraction for the automatic schedule")
@@ -183,6 +208,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="results/quality")
+    ap.add_argument("--ss-iterations", type=int, default=150, help="scale-shift training trajectories")
+    ap.add_argument("--ss-kind", choices=["table", "linear"], default="table")
+    ap.add_argument("--ss-loss", choices=["output", "block"], default="output")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
@@ -190,11 +218,12 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     blocks = "attention" if args.blocks == "attention" else ALL_BLOCKS
     results = []
-    for cfg in args.configs:
+    for arch, cfg in [(a, c) for a in args.arch for c in args.configs]:
         solver, steps = cfg.split("-")
-        results.append(bench_config(args.arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
+        results.append(bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
-                                    out_dir=out_dir, log=log))
+                                    out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
+                                    ss_kind=args.ss_kind, ss_loss=args.ss_loss))
         floor = floors(args.n, args.seeds)
         command = "python -m bcc.bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
         (out_dir / "quality.json").write_text(json.dumps({"command": command, "threads": args.threads, "floors": floor, "results": results},
