@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ._io import write_json
+from .analyze import module_calls
 from .capture import Captured, capture, flatten_call, signature_of
 from .config import DEFAULT_INDUCTOR_OPTIONS
 from .errors import BccError, BccInternalError, ErrorCode
@@ -145,6 +146,12 @@ def export(
                        "bcc.Schedule.every(n, steps, bcc.find_blocks(model, example_inputs)).")
     args, kwargs = _split_inputs(example_inputs)
     captured, weights = _weights_as_inputs(capture(model, args, kwargs))
+    missing = sorted(set(schedule.block_names) - set(module_calls(captured.gm)))
+    if missing:
+        raise BccError(ErrorCode.BLOCK_NOT_FOUND,
+                       f"the schedule names block(s) {missing[:4]} that {type(model).__name__} does not contain: it "
+                       "was made for another model. List this model's blocks with bcc.find_blocks(model, "
+                       "example_inputs) and build the schedule from them.")
     gm = _own_predicates(rewrite(captured, names=schedule.block_names, mode=mode))
     names = tuple(gm.meta[BLOCKS])
     ordered = schedule.reorder(names)

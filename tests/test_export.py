@@ -180,3 +180,23 @@ def test_artifact_errors(aoti_package, tmp_path):
         bcc.export(model, Schedule.every(2, 4, ["blocks.0", "down_blocks.0"]), inputs[0])
     with pytest.raises(bcc.BccError, match="BCC102"):
         bcc.export(model, {"schedule": 1}, inputs[0])
+
+
+def test_cli_export_writes_a_loadable_artifact(tmp_path, capsys):
+    from bcc.cli import main
+
+    model, args, kwargs = built("dit")
+    names = bcc.find_blocks(model, (args, kwargs))
+    Schedule.every(2, 3, names).save(tmp_path / "s.json")
+    Schedule.every(2, 3, ["transformer_blocks.7"]).save(tmp_path / "other.json")
+    out = tmp_path / "dit.pt2"
+    assert main(["export", "--model", "zoo:dit", "--schedule", str(tmp_path / "s.json"), "--out", str(out),
+                 "--baked", "--threads", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "dit.bcc.json").is_file()
+    inputs = trajectory_inputs("dit", model, 3)
+    want = run(bcc.compile(model, Schedule.every(2, 3, names), backend="eager"), inputs)
+    for g, w in zip(run(bcc.load_exported(out), inputs), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert main(["export", "--model", "zoo:dit", "--schedule", str(tmp_path / "other.json"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bcc: error: [BCC302]") and err.count("\n") == 1
