@@ -141,8 +141,13 @@ class ScaleShift(torch.nn.Module):
         model_fp: str | None = None,
         mode: str = "residual",
         meta: dict[str, Any] | None = None,
+        schedule: Schedule | None = None,
     ):
         super().__init__()
+        #: the schedule the parameters belong to (saved in the same file)
+        self.schedule = schedule
+        if schedule is not None:
+            schedule_fp = schedule_fingerprint(schedule)
         if kind not in KINDS:
             raise BccError(ErrorCode.CONFIG_INVALID, f"scale-shift kind must be one of {KINDS}, got {kind!r}.")
         if kind == "linear" and embedding is None:
@@ -170,8 +175,7 @@ class ScaleShift(torch.nn.Module):
                  embedding: torch.Tensor | None = None, model: torch.nn.Module | None = None,
                  mode: str = "residual") -> "ScaleShift":
         """Identity parameters for ``schedule`` (reproduces naive caching exactly)."""
-        return cls(slots, schedule.num_steps, kind=kind, embedding=embedding,
-                   schedule_fp=schedule_fingerprint(schedule),
+        return cls(slots, schedule.num_steps, kind=kind, embedding=embedding, schedule=schedule,
                    model_fp=None if model is None else model_fingerprint(model), mode=mode)
 
     @classmethod
@@ -270,6 +274,7 @@ class ScaleShift(torch.nn.Module):
             "format": FORMAT, "version": VERSION, "kind": self.kind, "num_steps": self.num_steps,
             "schedule_fingerprint": self.schedule_fp, "model_fingerprint": self.model_fp,
             "mode": self.mode, "slots": [asdict(s) for s in self.slots], "meta": self.meta,
+            "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
         head.update(extra or {})
         return {"bcc": json.dumps(head)}
@@ -315,7 +320,8 @@ class ScaleShift(torch.nn.Module):
         emb = tensors.get("embedding")
         ss = cls(slots, head["num_steps"], kind=head["kind"], embedding=emb if head["kind"] == "linear" else None,
                  schedule_fp=head["schedule_fingerprint"], model_fp=head["model_fingerprint"],
-                 mode=head["mode"], meta=head.get("meta"))
+                 mode=head["mode"], meta=head.get("meta"),
+                 schedule=Schedule.from_dict(head["schedule"]) if head.get("schedule") else None)
         ss.load_state_dict(tensors)
         ss.header = head
         return ss

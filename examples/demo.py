@@ -2,9 +2,11 @@
 
 Calibrates the per-block change on real guided DDIM trajectories, derives the
 paper's automatic schedule for a compute budget, compiles the UNet with bcc, and
-generates the same digits from the same noise with and without caching. Prints the
-blocks, the schedule, the measured speed ratio next to the ideal one, and paired
-fidelity; writes a PNG grid (top: uncached, bottom: cached).
+trains the scale-shift correction for the schedule (a short distillation), and
+generates the same digits from the same noise without caching, with naive caching and
+with caching + scale-shift. Prints the blocks, the schedule, the measured speed ratio
+next to the ideal one, and paired fidelity; writes a PNG grid (uncached | cached |
+cached + scale-shift).
 
     python examples/demo.py [--budget 0.5] [--steps 20] [--out results/demo.png]
 """
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--per-class", type=int, default=4, help="digits per class in the grid")
     ap.add_argument("--repeats", type=int, default=5, help="timed trajectories per model (medians reported)")
+    ap.add_argument("--ss-iterations", type=int, default=40, help="scale-shift training trajectories (0: skip)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(ROOT / "results" / "demo.png"))
     args = ap.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
     run = lambda model, labels, seed: sample(  # noqa: E731
         model, conditioner, scheduler, labels, num_steps=args.steps, guidance_scale=args.guidance, seed=seed)
 
-    print(f"[1/5] calibrating block change: 10 classes x 2 seeds, DDIM {args.steps} steps, guidance {args.guidance}")
+    print(f"[1/6] calibrating block change: 10 classes x 2 seeds, DDIM {args.steps} steps, guidance {args.guidance}")
     profile = bcc.calibrate(unet, lambda m, label, seed: run(m, [label] * 4, seed), list(range(10)), seeds=[100, 101],
                             scheduler=scheduler, guidance_scale=args.guidance, blocks=BLOCKS[args.blocks])
     print(profile.summary())
@@ -61,12 +64,12 @@ def main(argv=None) -> int:
           f"{lowest / (profile.rest_flops + sum(profile.block_flops)):.3f}")
 
     schedule = bcc.Schedule.for_budget(profile, args.budget)
-    print(f"\n[2/5] automatic schedule for compute fraction <= {args.budget} (threshold "
+    print(f"\n[2/6] automatic schedule for compute fraction <= {args.budget} (threshold "
           f"{schedule.meta['threshold']:.3f}): '#' recompute, '.' reuse")
     print(schedule.to_text())
     print(f"predicted compute fraction {schedule.compute_fraction():.3f}, ideal speedup {schedule.ideal_speedup():.2f}x")
 
-    print("\n[3/5] compiling the plain UNet and the bcc UNet (torch.compile / inductor)")
+    print("\n[3/6] compiling the plain UNet and the bcc UNet (torch.compile / inductor)")
     opts = dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS)
     plain = torch.compile(unet, fullgraph=True, options=opts)
     cached = bcc.compile(unet, schedule)
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter(); run(cached, labels, 0); t_bcc_compile = time.perf_counter() - t0
     print(f"first trajectory (includes compile): plain {t_plain_compile:.1f}s, bcc {t_bcc_compile:.1f}s")
 
-    print(f"\n[4/5] timing {args.repeats} trajectories each, alternating")
+    print(f"\n[4/6] timing {args.repeats} trajectories each, alternating")
     times = {"plain": [], "bcc": []}
     for _ in range(args.repeats):
         for name, model in (("plain", plain), ("bcc", cached)):
@@ -87,18 +90,31 @@ def main(argv=None) -> int:
           f"{med['plain'] / med['bcc']:.2f}x (ideal {schedule.ideal_speedup():.2f}x, efficiency "
           f"{med['plain'] / med['bcc'] / schedule.ideal_speedup():.2f})")
 
-    print("\n[5/5] fidelity, same noise")
+    rows = {"cached": cached}
+    if args.ss_iterations > 0:
+        print(f"\n[5/6] training scale-shift for this schedule: {args.ss_iterations} guided trajectories of 8 digits, "
+              "model frozen, the uncached UNet as teacher")
+        ss = bcc.train_scale_shift(unet, schedule, lambda m, label, seed: run(m, [label] * 8, seed), list(range(10)),
+                                   iterations=args.ss_iterations, seed=5000)
+        print(f"{ss.num_parameters():,} parameters; output loss {ss.history[0]['loss_output']:.2e} (first) -> "
+              f"{statistics.mean(h['loss_output'] for h in ss.history[-10:]):.2e} (last 10)")
+        rows["cached + scale-shift"] = bcc.compile(unet, schedule, scale_shift=ss)
+
+    print("\n[6/6] fidelity against the uncached UNet, same noise")
     ref = run(unet, labels, 7)
-    out = run(cached, labels, 7)
-    report = paired_report(out, ref, labels=torch.tensor(labels))
-    print(f"paired PSNR {report['psnr_db']:.1f} dB, SSIM {report['ssim']:.3f}, label flips "
-          f"{report['label_flip_rate']:.1%}, class accuracy uncached {report['accuracy_reference']:.1%} / "
-          f"cached {report['accuracy_candidate']:.1%}")
+    outs = []
+    for name, model in rows.items():
+        out = run(model, labels, 7)
+        outs.append(out)
+        report = paired_report(out, ref, labels=torch.tensor(labels))
+        print(f"{name:>22}: paired PSNR {report['psnr_db']:.1f} dB, SSIM {report['ssim']:.3f}, label flips "
+              f"{report['label_flip_rate']:.1%}, class accuracy {report['accuracy_candidate']:.1%} "
+              f"(uncached {report['accuracy_reference']:.1%})")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(torch.cat([ref, out]), nrow=10, scale=3)
+    grid = make_grid(torch.cat([ref, *outs]), nrow=10, scale=3)
     grid.save(path)
-    print(f"wrote {path} (top {args.per_class} rows uncached, bottom {args.per_class} cached; columns are digits 0-9)")
+    print(f"wrote {path} (bands of {args.per_class} rows: uncached, {', '.join(rows)}; columns are digits 0-9)")
     return 0
 
 

@@ -149,6 +149,8 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     path = ss.save(tmp_path / "ss.safetensors", iteration=7)
     back = ScaleShift.load(path)
     assert back.header["iteration"] == 7 and back.slots == ss.slots
+    # The schedule travels in the same file.
+    assert torch.equal(back.schedule.mask, schedule.mask) and back.schedule.block_names == schedule.block_names
     for a, b in zip(back.tables(), ss.tables()):
         assert torch.equal(a, b)
     back.check_compatible(schedule)

@@ -198,6 +198,10 @@ def denoiser_arch(denoiser: nn.Module) -> str:
     declared = getattr(denoiser, "digits_arch", None)
     if declared in ARCHS:
         return declared
+    # torch.compile, bcc.compile and the scale-shift trainer keep the model as _orig_mod.
+    inner = denoiser.__dict__.get("_modules", {}).get("_orig_mod")
+    if inner is not None:
+        return denoiser_arch(inner)
     try:
         from diffusers import PixArtTransformer2DModel
 
