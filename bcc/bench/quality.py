@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     blocks = "attention" if args.blocks == "attention" else ALL_BLOCKS
     results = []
-    for arch, cfg in [(a, c) for a in args.arch for c in args.configs]:
+    for arch, cfg in [(a, c) for c in args.configs for a in args.arch]:
         solver, steps = cfg.split("-")
         results.append(bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
