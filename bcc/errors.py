@@ -40,6 +40,7 @@ class ErrorCode(str, enum.Enum):
     BACKEND_GRAPH = "BCC702"
     STATIC_SHAPE = "BCC703"
     ARTIFACT_MISMATCH = "BCC704"
+    CONCURRENT_TRAJECTORY = "BCC801"
 
 
 class BccError(Exception):

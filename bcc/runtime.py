@@ -154,6 +154,20 @@ class BccModule(torch.nn.Module):
         leaves, spec = flatten_call(args, kwargs)
         signature = signature_of(leaves, spec)
         with self._bcc_lock:
+            # A trajectory belongs to the thread that started it: another thread's call
+            # would take the owner's next schedule row and overwrite its caches. The
+            # refusal leaves the owner's trajectory untouched (no reset).
+            me = threading.get_ident()
+            if self._bcc_step == 0:
+                self._bcc_owner = me
+            elif me != self._bcc_owner:
+                raise BccError(
+                    ErrorCode.CONCURRENT_TRAJECTORY,
+                    f"another thread is at step {self._bcc_step} of {self._bcc_schedule.num_steps} of a "
+                    "trajectory on this compiled model. Use one bcc.compile(model, schedule) per thread "
+                    "(they share the weights) or serialise whole generations; model.bcc_reset() hands "
+                    "an abandoned trajectory over.",
+                )
             try:
                 return self._run(args, kwargs, leaves, spec, signature)
             except BaseException:
@@ -162,6 +176,11 @@ class BccModule(torch.nn.Module):
                 raise
 
     def _run(self, args, kwargs, leaves, spec, signature) -> Any:
+        if self._bcc_step == 0 and self._bcc_entries and _ids(self._model_tensors()) != _ids(self._bcc_tensors):
+            # A replaced parameter, buffer or submodule is invisible to the captured
+            # graphs, which hold the old objects: capture again (in-place updates are seen).
+            self._bcc_entries.clear()
+            self._bcc_current = None
         entry = self._bcc_current
         if entry is None or entry.captured.signature != signature:
             if self._bcc_step != 0:
@@ -176,6 +195,7 @@ class BccModule(torch.nn.Module):
             if entry is None:
                 entry = self._build(args, kwargs, signature)
                 self._bcc_entries[signature] = entry
+                self._bcc_tensors = self._model_tensors()
             self._bcc_current = entry
         step = self._bcc_step
         if self._bcc_config.check:
@@ -204,6 +224,10 @@ class BccModule(torch.nn.Module):
         caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in lowered.slots]
         tables = ss.tables_for(lowered.slots) if ss is not None else []
         return _Entry(captured, lowered, mask, caches, tables)
+
+    def _model_tensors(self) -> tuple[torch.Tensor, ...]:
+        # Held (not just their ids) so that no new tensor can reuse an old one's id.
+        return (*self._orig_mod.parameters(), *self._orig_mod.buffers())
 
     def _check_provenance(self) -> None:
         # A schedule planned from a change profile records the profiled model; applying
@@ -304,6 +328,10 @@ class _IdentityTables:
     def tables_for(self, graph_slots) -> list[torch.Tensor]:
         return [torch.zeros(self.num_steps, 2, s.shape[channel_dim(len(s.shape))] if s.shape else 1,
                             dtype=s.dtype, device=s.device) for s in graph_slots]
+
+
+def _ids(tensors: tuple[torch.Tensor, ...]) -> list[int]:
+    return [id(t) for t in tensors]
 
 
 def _diff(old: tuple, new: tuple) -> str:
