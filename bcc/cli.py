@@ -5,7 +5,6 @@
     bcc show schedule.json
     bcc plot profile.json --out change.png
     bcc export --model zoo:unet-tiny --schedule schedule.json --out unet.pt2 [--aoti] [--baked]
-    bcc export --model zoo:unet-tiny --schedule schedule.json --out unet.pt2 [--aoti] [--baked]
 
 Errors a user can fix (``BccError``, missing or unwritable files, bad values) print one
 line, ``bcc: error: [BCCnnn] ...``, and exit with status 2 (``--debug`` shows the
@@ -325,51 +324,12 @@ def _cmd_export(args) -> int:
         torch.set_num_threads(max(1, args.threads))
     schedule = Schedule.load(args.schedule)
     model, margs, mkwargs = _export_model(args)
-    ep = export(model, schedule, (margs, mkwargs), schedule_input=not args.baked, mode=args.mode)
-    path = save_exported(ep, args.out, aoti=args.aoti)
-    print(f"wrote {path} ({'AOTInductor package' if args.aoti else 'torch.export program'}, "
-          f"{schedule.num_blocks} gated blocks, {schedule.num_steps} steps, schedule "
-          f"{'baked in' if args.baked else 'as an input'}, static input shape {tuple(margs[0].shape)})")
-    print(f"wrote {meta_path(path)}")
-    return 0
+    ss = None
+    if args.scale_shift:
+        from .scale_shift import ScaleShift
 
-
-# -- export ------------------------------------------------------------------------------
-def _export_model(args) -> tuple[Any, tuple, dict]:
-    """The model and one step's example inputs (every shape of the artifact comes from them)."""
-    import torch
-
-    if args.latent < 1 or args.batch < 1:
-        raise BccError(ErrorCode.CONFIG_INVALID, "--latent and --batch must be >= 1.")
-    if args.model.startswith("zoo:"):
-        from . import zoo
-
-        name = args.model[4:]
-        if name not in zoo.MODELS:
-            raise BccError(ErrorCode.CONFIG_INVALID, f"unknown zoo model {name!r}; choose from {sorted(zoo.MODELS)}.")
-        return zoo.build(name, latent=args.latent, batch=args.batch, seed=0)
-    if args.model != "digits-unet":
-        raise BccError(ErrorCode.CONFIG_INVALID, f"unknown --model {args.model!r}; use digits-unet or zoo:<name>.")
-    from .digits import model as digits_model
-
-    unet, _, _ = digits_model.load_digits_unet(args.model_dir)
-    size = int(unet.config.sample_size)
-    x = torch.zeros(args.batch, unet.config.in_channels, size, size)
-    context = torch.zeros(args.batch, digits_model.TOKENS_PER_LABEL, digits_model.CROSS_ATTENTION_DIM)
-    return unet, (x, torch.tensor(999)), {"encoder_hidden_states": context, "return_dict": False}
-
-
-def _cmd_export(args) -> int:
-    import torch
-
-    from .export import export, meta_path, save_exported
-    from .schedule import Schedule
-
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    schedule = Schedule.load(args.schedule)
-    model, margs, mkwargs = _export_model(args)
-    ep = export(model, schedule, (margs, mkwargs), schedule_input=not args.baked, mode=args.mode)
+        ss = ScaleShift.load(args.scale_shift)
+    ep = export(model, schedule, (margs, mkwargs), schedule_input=not args.baked, mode=args.mode, scale_shift=ss)
     path = save_exported(ep, args.out, aoti=args.aoti)
     print(f"wrote {path} ({'AOTInductor package' if args.aoti else 'torch.export program'}, "
           f"{schedule.num_blocks} gated blocks, {schedule.num_steps} steps, schedule "
@@ -482,24 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baked", action="store_true",
                    help="bake the schedule in as a constant (default: a program input, swappable)")
     e.add_argument("--mode", choices=("residual", "output"), default="residual", help="what is cached (default residual)")
-    e.add_argument("--latent", type=int, metavar="N", default=8, help="zoo models: latent size (default 8)")
-    e.add_argument("--batch", type=int, metavar="N", default=2, help="batch size (default 2)")
-    e.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
-    e.set_defaults(func=_cmd_export)
-
-    e = sub.add_parser("export", parents=[common], formatter_class=fmt, help="write a .pt2 with the schedule inside",
-                       description="Export a model with its blocks gated on a schedule as one torch.export program\n"
-                       "(or, with --aoti, an AOTInductor package) plus FILE.bcc.json beside it (schedule,\n"
-                       "block names, cache shapes, format version). Load it with bcc.load_exported(FILE).\n"
-                       "Shapes are static: batch --batch, resolution --latent (zoo) or the model's own.")
-    e.add_argument("--model", required=True, metavar="NAME", help="digits-unet or zoo:<name> (e.g. zoo:unet-tiny)")
-    e.add_argument("--model-dir", metavar="DIR", help="digits model folder (default: the shipped one)")
-    e.add_argument("--schedule", required=True, metavar="FILE", help="schedule JSON from 'bcc schedule'")
-    e.add_argument("--out", required=True, metavar="FILE", help=".pt2 to write")
-    e.add_argument("--aoti", action="store_true", help="compile an AOTInductor package (C++, slower to build)")
-    e.add_argument("--baked", action="store_true",
-                   help="bake the schedule in as a constant (default: a program input, swappable)")
-    e.add_argument("--mode", choices=("residual", "output"), default="residual", help="what is cached (default residual)")
+    e.add_argument("--scale-shift", metavar="FILE", help="bake in scale-shift corrections from 'bcc train'")
     e.add_argument("--latent", type=int, metavar="N", default=8, help="zoo models: latent size (default 8)")
     e.add_argument("--batch", type=int, metavar="N", default=2, help="batch size (default 2)")
     e.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")

@@ -3,7 +3,7 @@
 :func:`export` captures the model, rewrites its blocks into schedule-gated
 ``torch.cond`` branches (the same passes as :func:`bcc.compile`) and exports the
 rewritten graph. The program is functional: it takes
-``(bcc_schedule, bcc_step, *caches, *scale_shift, *model tensor leaves)`` and returns
+``(bcc_schedule, bcc_step, *caches, *model tensor leaves)`` and returns
 ``(*model output leaves, *new caches)``, so the trajectory state lives outside it and
 the artifact needs no Python to run (``torch.export.save`` or an AOTInductor package).
 :class:`ExportedDenoiser` holds that state and is called like the original model.
@@ -33,6 +33,7 @@ from .errors import BccError, BccInternalError, ErrorCode
 from .lower import rewrite
 from .passes.annotate_blocks import BLOCKS
 from .passes.gate_blocks import SLOTS
+from .scale_shift import ScaleShift
 from .schedule import Schedule
 
 __all__ = ["ExportMeta", "ExportedDenoiser", "export", "save_exported", "load_exported", "meta_path"]
@@ -58,6 +59,7 @@ class ExportMeta:
         signature: shapes/dtypes/devices and constants of the example call.
         out_spec: ``treespec_dumps`` of the model's output, or None (then a tuple).
         mode: ``"residual"`` or ``"output"`` caching.
+        scale_shift: scale-shift tables for ``schedule`` are baked into the program.
         kind: ``"program"`` (``torch.export.save``) or ``"aoti"`` (AOTInductor package).
         sha256: digest of the saved artifact, pairing this file with it.
     """
@@ -71,6 +73,7 @@ class ExportMeta:
     signature: list
     out_spec: str | None
     mode: str
+    scale_shift: bool = False
     kind: str = ""
     sha256: str = ""
     torch_version: str = torch.__version__
@@ -106,7 +109,7 @@ def export(
     *,
     schedule_input: bool = True,
     mode: str = "residual",
-    scale_shift: Sequence[torch.Tensor] = (),
+    scale_shift: ScaleShift | None = None,
 ) -> torch.export.ExportedProgram:
     """Export ``model`` with its blocks gated on ``schedule`` as one ``ExportedProgram``.
 
@@ -118,10 +121,12 @@ def export(
             artifact serves any schedule over the same blocks and step count
             (:meth:`ExportedDenoiser.set_schedule`); False bakes it in as a constant.
         mode: ``"residual"`` or ``"output"`` caching, as in :class:`bcc.BccConfig`.
-        scale_shift: tensors for the graph's scale-shift inputs, if it has any.
+        scale_shift: trained :class:`bcc.ScaleShift` parameters for ``schedule``; their
+            ``[T, 2, C]`` tables are baked into the program as constants, so the
+            artifact's schedule can then not be swapped (``BCC505``).
 
     Returns:
-        A program over ``(bcc_schedule?, bcc_step, *caches, *scale_shift, *tensors)``
+        A program over ``(bcc_schedule?, bcc_step, *caches, *tensors)`` (scale-shift tables are constants)
         returning ``(*outputs, *new caches)``; run it with :class:`ExportedDenoiser`
         or save it with :func:`save_exported`.
 
@@ -152,21 +157,21 @@ def export(
                        f"the schedule names block(s) {missing[:4]} that {type(model).__name__} does not contain: it "
                        "was made for another model. List this model's blocks with bcc.find_blocks(model, "
                        "example_inputs) and build the schedule from them.")
-    gm = _own_predicates(rewrite(captured, names=schedule.block_names, mode=mode))
+    if scale_shift is not None:
+        scale_shift.check_compatible(schedule, model, mode)
+    gm = _own_predicates(rewrite(captured, names=schedule.block_names, mode=mode, scale_shift=scale_shift is not None))
     names = tuple(gm.meta[BLOCKS])
     ordered = schedule.reorder(names)
     slots = tuple(gm.meta[SLOTS])
     leaves, spec = flatten_call(args, kwargs)
     tensors = [leaves[i] for i in captured.tensor_positions]
+    tables = [] if scale_shift is None else scale_shift.tables_for(slots)
     state = state_inputs(gm, len(tensors) + len(weights))
-    n_ss = len(state) - 2 - len(slots)
-    if n_ss != len(scale_shift):
-        raise BccError(ErrorCode.CONFIG_INVALID,
-                       f"the rewritten graph takes {n_ss} scale-shift tensor(s), {len(scale_shift)} were given.")
+    state = [n for n in state if not n.startswith("bcc_ss_")]  # baked in, not inputs
     caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in slots]
     step = torch.zeros((), dtype=torch.int64)
-    root = _Program(gm, weights, None if schedule_input else ordered.mask)
-    inputs = ((ordered.mask,) if schedule_input else ()) + (step, *caches, *scale_shift, *tensors)
+    root = _Program(gm, weights, None if schedule_input else ordered.mask, tables)
+    inputs = ((ordered.mask,) if schedule_input else ()) + (step, *caches, *tensors)
     with torch.no_grad():
         ep = torch.export.export(root, inputs, strict=False)
     try:
@@ -180,6 +185,7 @@ def export(
         state_inputs=tuple(state if schedule_input else state[1:]),
         num_outputs=len(gm.graph.output_node().args[0]) - len(slots),
         signature=_jsonable(signature_of(leaves, spec)), out_spec=out_spec, mode=mode,
+        scale_shift=scale_shift is not None,
     )
     ep.graph_module.meta[_META_KEY] = meta
     return ep
@@ -206,13 +212,19 @@ class _Program(torch.nn.Module):
     input, passed from this module's attributes (export lifts those as parameters).
     """
 
-    def __init__(self, gm: fx.GraphModule, weights: list[str], schedule: torch.Tensor | None):
+    def __init__(self, gm: fx.GraphModule, weights: list[str], schedule: torch.Tensor | None,
+                 tables: Sequence[torch.Tensor] = ()):
         super().__init__()
         self.rewritten = gm
         self._weights = weights
-        # A plain tensor attribute, not a buffer: export records it as a constant.
+        # Plain tensor attributes, not buffers: export records them as constants.
         self._schedule = schedule
+        self._tables = list(tables)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"][: -len(weights) or None]
+        # Tables go where the graph expects them: after the caches, counted among forward's inputs.
+        first = next((i for i, n in enumerate(names) if n.startswith("bcc_ss_")), len(names))
+        self._n_before_tables = first - (schedule is not None)
+        names = [n for n in names if not n.startswith("bcc_ss_")]
 
         # export names the program's inputs after forward's parameters: give them the graph's names.
         def forward(*inputs: torch.Tensor):
@@ -225,7 +237,8 @@ class _Program(torch.nn.Module):
     def _call(self, *inputs: torch.Tensor):
         head = () if self._schedule is None else (self._schedule,)
         weights = [_fetch(self.rewritten, w) for w in self._weights]
-        return self.rewritten(*head, *inputs, *weights)
+        k = self._n_before_tables
+        return self.rewritten(*head, *inputs[:k], *self._tables, *inputs[k:], *weights)
 
 
 def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
@@ -286,13 +299,12 @@ class _Stepper:
     """
 
     def __init__(self, fn: Callable[..., Any], schedule: torch.Tensor | None, num_steps: int,
-                 caches: list[torch.Tensor], scale_shift: Sequence[torch.Tensor] = ()):
+                 caches: list[torch.Tensor]):
         self.fn = fn
         self.schedule = schedule
         self.steps = [torch.tensor(s, dtype=torch.int64) for s in range(num_steps)]
         self.fresh = [c.clone() for c in caches]
         self.caches = caches
-        self.scale_shift = list(scale_shift)
         self.step = 0
         self.lock = threading.Lock()
 
@@ -300,7 +312,7 @@ class _Stepper:
         with self.lock:
             head = () if self.schedule is None else (self.schedule,)
             try:
-                outs = self.fn(*head, self.steps[self.step], *self.caches, *self.scale_shift, *tensors)
+                outs = self.fn(*head, self.steps[self.step], *self.caches, *tensors)
             except BaseException:
                 self.step = 0  # a failed call leaves the trajectory unknown: start clean
                 raise
@@ -329,12 +341,12 @@ class ExportedDenoiser:
         ([(1, 2), (1, 2), (1, 2)], 0)
     """
 
-    def __init__(self, program: Callable[..., Any], meta: ExportMeta, scale_shift: Sequence[torch.Tensor] = ()):
+    def __init__(self, program: Callable[..., Any], meta: ExportMeta):
         self.meta = meta
         self._schedule = Schedule.from_dict(meta.schedule)
         caches = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in meta.slots]
         mask = self._schedule.mask if meta.schedule_input else None
-        self._stepper = _Stepper(program, mask, self._schedule.num_steps, caches, scale_shift)
+        self._stepper = _Stepper(program, mask, self._schedule.num_steps, caches)
         self._out_spec = None if meta.out_spec is None else pytree.treespec_loads(meta.out_spec)
 
     @classmethod
@@ -357,6 +369,10 @@ class ExportedDenoiser:
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Use another schedule over the same blocks and step count; nothing is recompiled."""
+        if self.meta.scale_shift:
+            raise BccError(ErrorCode.SCALE_SHIFT_MISMATCH,
+                           "this artifact has scale-shift corrections baked in for its own schedule; another "
+                           "schedule needs its own corrections: train them and export again.")
         if not self.meta.schedule_input:
             raise BccError(ErrorCode.ARTIFACT_MISMATCH,
                            "this artifact has its schedule baked in; export with schedule_input=True "

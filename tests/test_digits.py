@@ -52,3 +52,37 @@ def test_cached_model_keeps_fidelity_and_a_stale_cache_fails(digits):
         entry.schedule = stale
     bad = paired_report(run(fast), ref, labels=labels)
     assert not _passes_floors(bad), bad
+
+
+def test_wrapped_dit_is_still_called_as_a_dit():
+    import bcc
+    from bcc.digits import default_model_dir, load_digits_model
+    from bcc.digits.model import denoiser_arch
+
+    dit, _, _ = load_digits_model(default_model_dir("dit"))
+    assert denoiser_arch(bcc.compile(dit, lambda names: bcc.Schedule.every(2, 20, names))) == "dit"
+    assert denoiser_arch(torch.compile(dit)) == "dit"
+
+
+def test_committed_scale_shift_beats_naive_caching_on_the_shipped_unet():
+    """The benchmark's trained corrections (results/quality) at its 1.5x-ideal schedule."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "results" / "quality"
+    unet, conditioner, train_scheduler = load_digits_unet()
+    scheduler = make_ddim_scheduler(train_scheduler)
+    schedule = bcc.Schedule.load(results / "unet_ddim20_schedule.json")
+    ss = bcc.ScaleShift.load(results / "unet_ddim20_scale_shift.safetensors")
+    labels = torch.arange(200) % 10
+    noise = torch.randn(200, 1, 16, 16, generator=torch.Generator().manual_seed(77))
+
+    def run(model):
+        return sample(model, conditioner, scheduler, labels, num_steps=schedule.num_steps, guidance_scale=3.0,
+                      noise=noise)
+
+    ref = run(unet)
+    naive = paired_report(run(bcc.compile(unet, schedule, backend="eager")), ref, labels=labels)
+    fixed = paired_report(run(bcc.compile(unet, schedule, backend="eager", scale_shift=ss)), ref, labels=labels)
+    assert fixed["psnr_db"] > naive["psnr_db"] + 0.5, (naive, fixed)
+    assert fixed["ssim"] > naive["ssim"] and fixed["label_flip_rate"] <= naive["label_flip_rate"]
+    assert fixed["accuracy_candidate"] >= ACCURACY_FLOOR

@@ -342,3 +342,23 @@ def test_torchrun_ranks_end_with_identical_parameters(tmp_path):
     for x, y in zip(a.tables(), b.tables()):
         assert torch.equal(x, y)
     assert any(x.abs().max() > 0 for x in a.tables())  # and they did train
+
+
+def test_export_bakes_scale_shift_and_matches_compile(tmp_path):
+    schedule = Schedule(MASK, ("b0", "b1"))
+    ss = _toy_ss(schedule)
+    steps = _steps(5)
+    ep = bcc.export(Toy(), schedule, (steps[0], {}), scale_shift=ss)
+    assert [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"][:2] == [
+        "bcc_schedule", "bcc_step"]
+    path = bcc.save_exported(ep, tmp_path / "toy.pt2")
+    loaded = bcc.load_exported(path)
+    got = [loaded(x, t) for x, t in steps]
+    for a, b in zip(got, _expected(MASK, steps, "residual")):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(BccError) as e:
+        loaded.set_schedule(Schedule.every(2, 5, ["b0", "b1"]))
+    assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
+    with pytest.raises(BccError) as e:
+        bcc.export(Toy(), Schedule.every(2, 5, ["b0", "b1"]), (steps[0], {}), scale_shift=ss)
+    assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
