@@ -8,6 +8,7 @@ next call after the last step starts a new trajectory, so the ordinary loop
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +31,10 @@ from .schedule import Schedule
 __all__ = ["BccModule"]
 
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+# torch.export is not thread-safe (two captures at once failed with "Trying to pop empty
+# mode stack"), so a capture and the first, compiling call of its graph are serialised
+# across all instances.
+_CAPTURE_LOCK = threading.RLock()
 
 
 @dataclass
@@ -169,14 +174,16 @@ class BccModule(torch.nn.Module):
                     "an abandoned trajectory over.",
                 )
             try:
-                return self._run(args, kwargs, leaves, spec, signature)
+                capturing = signature not in self._bcc_entries or (self._bcc_step == 0 and self._stale())
+                with _CAPTURE_LOCK if capturing else contextlib.nullcontext():
+                    return self._run(args, kwargs, leaves, spec, signature)
             except BaseException:
                 # A failed call leaves the trajectory in an unknown state: start clean.
                 self._bcc_step = 0
                 raise
 
     def _run(self, args, kwargs, leaves, spec, signature) -> Any:
-        if self._bcc_step == 0 and self._bcc_entries and _ids(self._model_tensors()) != _ids(self._bcc_tensors):
+        if self._bcc_step == 0 and self._stale():
             # A replaced parameter, buffer or submodule is invisible to the captured
             # graphs, which hold the old objects: capture again (in-place updates are seen).
             self._bcc_entries.clear()
@@ -228,6 +235,10 @@ class BccModule(torch.nn.Module):
     def _model_tensors(self) -> tuple[torch.Tensor, ...]:
         # Held (not just their ids) so that no new tensor can reuse an old one's id.
         return (*self._orig_mod.parameters(), *self._orig_mod.buffers())
+
+    def _stale(self) -> bool:
+        """Whether a parameter, buffer or submodule was replaced since the last capture."""
+        return bool(self._bcc_entries) and _ids(self._model_tensors()) != _ids(self._bcc_tensors)
 
     def _check_provenance(self) -> None:
         # A schedule planned from a change profile records the profiled model; applying

@@ -412,16 +412,19 @@ def test_two_compiled_instances_in_two_threads_equal_sequential():
     fast_a = bcc.compile(net, every2, backend="inductor")
     fast_b = bcc.compile(net, other, backend="inductor")
     steps = _net_steps(4)
-    want_a, want_b = run(fast_a, steps), run(fast_b, steps)  # also compiles both
 
     def trajectories(fast):
         return [run(fast, steps) for _ in range(20)]
 
+    # Not warmed up: the two captures and compilations race too (torch.export alone
+    # is not thread-safe; bcc serialises it).
     got_a, got_b = _in_threads(lambda: trajectories(fast_a), lambda: trajectories(fast_b))
-    for got, want in ((got_a, want_a), (got_b, want_b)):
+    for got, schedule, fast in ((got_a, every2, fast_a), (got_b, other, fast_b)):
         assert not isinstance(got, BaseException), got
         for trajectory in got:
-            _exact(trajectory, want)
+            _exact(trajectory, run(fast, steps))
+        for g, w in zip(got[0], _reference(net, schedule, steps), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_instance_refuses_a_second_thread_mid_trajectory():
