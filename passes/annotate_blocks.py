@@ -40,7 +40,12 @@ class AnnotateBlocksPass(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.names is not None:
             wanted = set(self.names)
-            blocks = find_block_regions(gm, lambda path, cls: path in wanted)
+            try:
+                blocks = find_block_regions(gm, lambda path, cls: path in wanted)
+            except BccError as e:
+                if e.code is not ErrorCode.NO_BLOCKS:
+                    raise
+                blocks = []  # none of the names is here: reported below with the names
             missing = wanted - {b.name for b in blocks}
             if missing:
                 raise BccError(

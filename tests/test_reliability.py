@@ -215,8 +215,6 @@ def test_damaged_schedule_file(tmp_path, damage):
     assert _code(e) is ErrorCode.FILE_INVALID
 
 
-@pytest.mark.xfail(strict=True, reason="passes/annotate_blocks.py: when no scheduled name is in the graph, "
-                   "find_block_regions raises BCC301 describing the internal lambda, not BCC302 with the names")
 def test_schedule_file_naming_only_another_models_blocks(tmp_path):
     Schedule.every(2, 2, ["transformer_blocks.0"]).save(tmp_path / "names.json")
     fast = bcc.compile(Toy(), Schedule.load(tmp_path / "names.json"), backend="eager")
