@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default="ddim")
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--n", type=int, default=500, help="evaluation images")
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/scale_shift")
     args = ap.parse_args(argv)
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed),
                                        list(range(10)), iterations=args.iterations, kind=kind, loss=loss,
-                                       seed=5000, progress=False)
+                                       lr=args.lr, seed=5000, progress=False)
             seconds = time.perf_counter() - t0
             imgs = run(bcc.compile(model, schedule, backend="eager", scale_shift=ss), labels, noise=noise)
             rows.append({"variant": f"scale-shift {kind}, {loss} loss", "train_seconds": seconds,
@@ -61,18 +62,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python examples/scale_shift_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / f"ablation_{args.arch}.json").write_text(json.dumps({"command": command, "schedule": args.schedule,
+    tag = args.arch if args.lr == 5e-3 else f"{args.arch}_lr{args.lr:g}"
+    (out / f"ablation_{tag}.json").write_text(json.dumps({"command": command, "schedule": args.schedule,
                                                                "iterations": args.iterations, "rows": rows}, indent=1))
     lines = [f"# Scale-shift ablation ({args.arch}, {args.solver}-{steps}, compute fraction "
              f"{schedule.compute_fraction():.3f})", "", f"Command: `{command}`", "",
-             f"{args.iterations} training trajectories of 8 guided images each, the same seeds for every variant; "
+             f"{args.iterations} training trajectories of 8 guided images each (lr {args.lr:g}), the same seeds for every variant; "
              f"paired metrics on {args.n} images against the uncached model from the same noise.", "",
              "| variant | parameters | train time | PSNR dB | SSIM | label flips |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r.get('parameters', 0):,} | "
                      f"{r['train_seconds'] / 60:.1f} min | " if "train_seconds" in r else f"| {r['variant']} | — | — | ")
         lines[-1] += f"{r['psnr_db']:.2f} | {r['ssim']:.3f} | {r['label_flip_rate']:.1%} |"
-    (out / f"ablation_{args.arch}.md").write_text("\n".join(lines) + "\n")
+    (out / f"ablation_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
