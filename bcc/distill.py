@@ -10,7 +10,11 @@ off) runs on the student's current latent, and the student is pulled towards it:
   network to every correction used at this step;
 - ``loss="block"``: for every block reused at this step, the relative squared error
   between its corrected cached value and the value the teacher's block computed now
-  (no back-propagation through the network).
+  (no back-propagation through the network);
+- ``loss="trajectory"``: like ``"output"``, but the target at step ``s`` is the teacher's
+  output on *its own* trajectory from the same noise and condition (recorded first), so
+  the student is pulled back onto the uncached trajectory rather than towards what the
+  teacher would do from wherever the student has drifted.
 
 Gradients do not flow across steps: latents and caches are detached between calls,
 so memory is one forward pass. Training needs only conditions (labels, prompts).
@@ -36,7 +40,7 @@ __all__ = ["train_scale_shift", "EMBEDDING_MODULES"]
 # Where diffusers denoisers compute their timestep embedding: UNet2DConditionModel,
 # PixArt (adaLN-single), SD3/Flux (time + pooled text), DiT-style.
 EMBEDDING_MODULES = ("time_embedding", "adaln_single.emb", "time_text_embed", "t_embedder")
-LOSSES = ("output", "block")
+LOSSES = ("output", "block", "trajectory")
 
 
 class _Student(torch.nn.Module):
@@ -52,6 +56,7 @@ class _Student(torch.nn.Module):
         self.timestep_of = timestep_of
         self.optimizer = None if ss is None else torch.optim.Adam(ss.parameters(), lr=lr)
         self.calls = 0
+        self.targets: list = []  # loss="trajectory": the teacher's outputs on its own trajectory
         self.phase = "teacher"
         self.caches: dict[str, tuple] = {}
         self.teacher_vals: dict[str, list] = {}
@@ -136,6 +141,8 @@ class _Student(torch.nn.Module):
         self._emb_capture = None
         with torch.no_grad():
             target = self._orig_mod(*args, **kwargs)
+        if self.loss_kind == "trajectory":
+            target = self.targets[step]
         if self.ss is None:
             self._init_parameters(_device(self._orig_mod))
         if self.kind == "linear" and step not in self.emb_rows:
@@ -149,7 +156,7 @@ class _Student(torch.nn.Module):
             self.ss.embedding[step] = row.to(self.ss.embedding)
         self.phase = "student"
         self.reused = []
-        with torch.set_grad_enabled(self.loss_kind == "output"):
+        with torch.set_grad_enabled(self.loss_kind != "block"):
             out = self._orig_mod(*args, **kwargs)
         self.calls += 1
         if self.reused:
@@ -167,7 +174,7 @@ class _Student(torch.nn.Module):
                 got = self.ss.adjust(k, cached, s).float()
                 terms.append(torch.mean((got - want) ** 2) / (torch.mean(want ** 2) + 1e-12))
             block_loss = sum(terms) / len(terms)
-        loss = out_loss if self.loss_kind == "output" else block_loss
+        loss = block_loss if self.loss_kind == "block" else out_loss
         if not torch.isfinite(loss):
             raise _Diverged(float(loss), step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -180,6 +187,33 @@ class _Student(torch.nn.Module):
         self._restore()
         for h in self._handles:
             h.remove()
+
+
+class _Recorder(torch.nn.Module):
+    """The plain model, keeping each call's output: the teacher's own trajectory."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model  # the name wrappers use, so samplers see the model's kind
+        self.outputs: list = []
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            out = self._orig_mod(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+
+def _record(model, sample, condition, seed) -> list:
+    recorder = _Recorder(model)
+    sample(recorder, condition, seed)
+    return recorder.outputs
 
 
 class _Diverged(Exception):
@@ -247,8 +281,10 @@ def train_scale_shift(
         kind: ``"table"`` (a free correction per step; default: it trained better on the
             digits models, see ``results/scale_shift``) or ``"linear"`` (on the timestep
             embedding, the paper's form).
-        loss: ``"output"`` (model output vs teacher) or ``"block"`` (each corrected
-            block value vs the teacher's).
+        loss: ``"output"`` (model output vs the teacher on the student's latent),
+            ``"block"`` (each corrected block value vs the teacher's) or ``"trajectory"``
+            (model output vs the teacher on its own trajectory; needs a sampler that is
+            deterministic given condition and seed).
         checkpoint: a ``.safetensors`` path written every ``checkpoint_every``
             iterations (rank 0); ``resume=True`` continues from it.
 
@@ -307,6 +343,8 @@ def train_scale_shift(
             before = len(student.losses)
             student.calls = 0
             try:
+                if loss == "trajectory":
+                    student.targets = _record(model, sample, conditions[index % len(conditions)], seed + index)
                 sample(student, conditions[index % len(conditions)], seed + index)
             except _Diverged as d:
                 where = f"the last good parameters are in {last_good}" if last_good else "no checkpoint was written yet"
@@ -326,6 +364,8 @@ def train_scale_shift(
             history.append({"iteration": it + 1,
                             "loss_output": sum(o for o, _ in new) / max(len(new), 1),
                             "loss_block": sum(b for _, b in new) / max(len(new), 1)})
+            if loss == "trajectory":  # the output loss, measured against the teacher's own trajectory
+                history[-1]["loss_trajectory"] = history[-1]["loss_output"]
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history[-1]['loss_' + loss]:.3g}")
             student.ss.meta.update(_meta(student, loss, lr, seed, history))

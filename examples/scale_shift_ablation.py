@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--n", type=int, default=500, help="evaluation images")
     ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--losses", nargs="+", default=["output", "block"], choices=["output", "block", "trajectory"])
+    ap.add_argument("--kinds", nargs="+", default=["table", "linear"], choices=["table", "linear"])
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/scale_shift")
     args = ap.parse_args(argv)
@@ -48,8 +51,8 @@ def main(argv=None) -> int:
     base = run(model, labels, noise=noise)
     rows = [{"variant": "naive caching", **paired_report(run(bcc.compile(model, schedule, backend="eager"), labels,
                                                               noise=noise), base)}]
-    for loss in ("output", "block"):
-        for kind in ("table", "linear"):
+    for loss in args.losses:
+        for kind in args.kinds:
             t0 = time.perf_counter()
             ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed),
                                        list(range(10)), iterations=args.iterations, kind=kind, loss=loss,
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python examples/scale_shift_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    tag = args.arch if args.lr == 5e-3 else f"{args.arch}_lr{args.lr:g}"
+    tag = (args.arch if args.lr == 5e-3 else f"{args.arch}_lr{args.lr:g}") + args.tag
     (out / f"ablation_{tag}.json").write_text(json.dumps({"command": command, "schedule": args.schedule,
                                                                "iterations": args.iterations, "rows": rows}, indent=1))
     lines = [f"# Scale-shift ablation ({args.arch}, {args.solver}-{steps}, compute fraction "

@@ -223,7 +223,7 @@ def _drift_sample(model, cond, seed):
 
 
 @pytest.mark.parametrize("kind", ["table", "linear"])
-@pytest.mark.parametrize("loss", ["output", "block"])
+@pytest.mark.parametrize("loss", ["output", "block", "trajectory"])
 def test_training_loss_falls_on_a_fixed_batch(kind, loss):
     torch.manual_seed(0)
     model = Drift()
