@@ -466,8 +466,10 @@ def test_shared_instance_under_contention_never_mixes_trajectories():
     want = run(fast, steps)
 
     def generations():
+        # Retry until 15 generations finished: how often the other thread holds the
+        # trajectory depends on scheduling, so only the outcome is asserted, not a count.
         done, refused = [], 0
-        for _ in range(30):
+        while len(done) < 15 and refused < 100_000:
             try:
                 done.append(run(fast, steps))
             except BccError as e:
@@ -476,10 +478,13 @@ def test_shared_instance_under_contention_never_mixes_trajectories():
         return done, refused
 
     results = _in_threads(generations, generations)
-    finished = [t for done, _ in results for t in done]
-    assert len(finished) >= 30  # a refusal costs one attempt, never the owner's generation
-    for trajectory in finished:
-        _exact(trajectory, want)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    assert [len(done) for done, _ in results] == [15, 15]  # a refusal never costs the owner's generation
+    for done, _ in results:
+        for trajectory in done:
+            _exact(trajectory, want)
 
 
 # -- bf16 on CPU ---------------------------------------------------------------------
