@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from .errors import BccError, ErrorCode
 from .profile import model_fingerprint
 from .reference import cache_entry, patch_forwards
+from .runtime import delegating_getattr
 from .scale_shift import ScaleShift, SlotSpec, check_distinct, sinusoidal_embedding, slot_spec
 from .schedule import Schedule
 
@@ -75,11 +76,7 @@ class _Student(torch.nn.Module):
                 self._handles.append(modules[cand].register_forward_hook(self._grab_embedding))
                 break
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
+    __getattr__ = delegating_getattr
 
     @property
     def step(self) -> int:
@@ -197,11 +194,7 @@ class _Recorder(torch.nn.Module):
         self._orig_mod = model  # the name wrappers use, so samplers see the model's kind
         self.outputs: list = []
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
+    __getattr__ = delegating_getattr
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():

@@ -50,6 +50,16 @@ class _Entry:
     scale_shift: list[torch.Tensor] = field(default_factory=list)
 
 
+def delegating_getattr(self: torch.nn.Module, name: str) -> Any:
+    """``__getattr__`` for wrappers that keep the model as ``_orig_mod``: attributes they
+    do not define (``config``, ``dtype``, ...) come from the model, so they can stand in
+    for it (``pipe.unet = wrapper``)."""
+    try:
+        return torch.nn.Module.__getattr__(self, name)
+    except AttributeError:
+        return getattr(self._modules["_orig_mod"], name)
+
+
 class BccModule(torch.nn.Module):
     """A denoiser whose blocks follow a :class:`Schedule`; call it like the original.
 
@@ -88,12 +98,7 @@ class BccModule(torch.nn.Module):
         if self._bcc_schedule is not None:
             self._make_steps(self._bcc_schedule.num_steps)
 
-    # -- attribute pass-through -----------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
+    __getattr__ = delegating_getattr
 
     # -- public state ----------------------------------------------------------------
     @property
@@ -174,16 +179,18 @@ class BccModule(torch.nn.Module):
                     "an abandoned trajectory over.",
                 )
             try:
-                capturing = signature not in self._bcc_entries or (self._bcc_step == 0 and self._stale())
+                # One parameter walk per trajectory start, shared with _run.
+                stale = self._bcc_step == 0 and self._stale()
+                capturing = stale or signature not in self._bcc_entries
                 with _CAPTURE_LOCK if capturing else contextlib.nullcontext():
-                    return self._run(args, kwargs, leaves, spec, signature)
+                    return self._run(args, kwargs, leaves, spec, signature, stale)
             except BaseException:
                 # A failed call leaves the trajectory in an unknown state: start clean.
                 self._bcc_step = 0
                 raise
 
-    def _run(self, args, kwargs, leaves, spec, signature) -> Any:
-        if self._bcc_step == 0 and self._stale():
+    def _run(self, args, kwargs, leaves, spec, signature, stale: bool) -> Any:
+        if stale:
             # A replaced parameter, buffer or submodule is invisible to the captured
             # graphs, which hold the old objects: capture again (in-place updates are seen).
             self._bcc_entries.clear()
