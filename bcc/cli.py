@@ -450,18 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark (measures and writes results; asserts nothing)",
                        description="Benchmarks. 'bcc bench quality [options]' runs the paper's Table 1 protocol on "
-                       "the shipped digits model (see 'bcc bench quality --help').")
-    b.add_argument("which", choices=["quality"], help="which benchmark")
+                       "the shipped digits model (see 'bcc bench quality --help'); 'bcc bench speed [options]' "
+                       "times bcc against the plain model, the schedule's ideal and the peers (see "
+                       "'bcc bench speed --help').")
+    b.add_argument("which", choices=["quality", "speed"], help="which benchmark")
     b.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
     b.set_defaults(func=_cmd_bench)
     from .cli_train import add_train_parser
 
     add_train_parser(sub, common)
-    # Later: export registers here the same way.
     return parser
 
 
 def _cmd_bench(args) -> int:
+    if args.which == "speed":
+        from .bench import speed
+
+        return speed.main(list(args.options))
     from .bench import quality
 
     return quality.main(list(args.options))

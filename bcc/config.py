@@ -23,6 +23,7 @@ DEFAULT_INDUCTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
 )
 
 _MODES = ("residual", "output")
+_STRATEGIES = ("branch", "specialize")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class BccConfig:
             a GPU; use it while integrating, turn it off for speed.
         inductor_options: passed to ``torch.compile(options=...)`` when the backend is
             inductor.
+        strategy: ``"branch"`` (default) compiles one graph in which every cached block
+            is a ``torch.cond`` on ``schedule[step, i]``: one compile serves every step and
+            every schedule. ``"specialize"`` compiles one branch-free graph per distinct
+            schedule row (at its first use), picked on the host each step: no branches,
+            fusion across block boundaries, capturable by CUDA graphs, but one compile per
+            distinct row.
         version: format version of this config when saved beside an artifact.
 
     Example:
@@ -58,6 +65,7 @@ class BccConfig:
     backend: str | Callable[..., Any] = "inductor"
     check: bool = False
     inductor_options: Mapping[str, Any] = field(default_factory=lambda: DEFAULT_INDUCTOR_OPTIONS)
+    strategy: str = "branch"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -73,6 +81,13 @@ class BccConfig:
                 ErrorCode.CONFIG_INVALID,
                 f"BccConfig.backend must be a backend name or a callable, got {type(self.backend).__name__}. "
                 "Use 'inductor' (default) or 'eager'.",
+            )
+        if self.strategy not in _STRATEGIES:
+            raise BccError(
+                ErrorCode.CONFIG_INVALID,
+                f"BccConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}. Use 'branch' for one "
+                "graph serving every step (the default), 'specialize' for one branch-free graph per distinct "
+                "schedule row (CUDA graphs; more compile time).",
             )
         if not isinstance(self.check, bool):
             raise BccError(ErrorCode.CONFIG_INVALID, f"BccConfig.check must be a bool, got {self.check!r}.")

@@ -12,11 +12,12 @@ from .analyze import BlockSelector
 from .capture import Captured
 from .config import BccConfig
 from .errors import BccError
-from .passes import AnnotateBlocksPass, CacheSlot, GateBlocksPass, OutlineBlocksPass
+from .passes import AnnotateBlocksPass, CacheSlot, GateBlocksPass, OutlineBlocksPass, SpecializeRowPass
+from .passes.specialize_row import specialized
 from .passes.annotate_blocks import BLOCKS
 from .passes.gate_blocks import SLOTS
 
-__all__ = ["Lowered", "rewrite", "lower"]
+__all__ = ["Lowered", "RowDispatch", "rewrite", "lower"]
 
 
 @dataclass
@@ -63,22 +64,46 @@ def rewrite(
     return result.graph_module
 
 
+def _compile(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
+    if config.backend == "eager":
+        return gm
+    options = dict(config.inductor_options)
+    if config.backend == "inductor":
+        return torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=options)
+    # A custom backend (e.g. a test's compile counter wrapping inductor) gets no
+    # options from torch.compile, so the inductor settings are patched around
+    # each call, which is when compilation happens.
+    compiled = torch.compile(gm, backend=config.backend, fullgraph=True, dynamic=False)
+
+    def fn(*args: Any) -> Any:
+        with torch._inductor.config.patch(options):
+            return compiled(*args)
+    return fn
+
+
+class RowDispatch:
+    """``strategy="specialize"``: one graph per distinct schedule row, built and compiled
+    at the row's first use, chosen on the host from ``schedule[step]``.
+
+    The schedule and the step are CPU tensors (see :mod:`bcc.runtime`), so reading the
+    row costs no device sync. A new schedule's unseen rows compile on first use.
+    """
+
+    def __init__(self, gm: fx.GraphModule, config: BccConfig):
+        self.gm = gm
+        self.config = config
+        self.variants: dict[tuple[bool, ...], Callable[..., Any]] = {}
+
+    def __call__(self, schedule: torch.Tensor, step: torch.Tensor, *rest: Any) -> Any:
+        row = tuple(schedule[int(step)].tolist())
+        fn = self.variants.get(row)
+        if fn is None:
+            gm = SpecializeRowPass(row)(specialized(self.gm)).graph_module
+            fn = self.variants[row] = _compile(gm, self.config)
+        return fn(schedule, step, *rest)
+
+
 def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shift: bool = False) -> Lowered:
     gm = rewrite(captured, names=names, mode=config.mode, scale_shift=scale_shift)
-    fn: Callable[..., Any]
-    if config.backend == "eager":
-        fn = gm
-    elif config.backend == "inductor":
-        options = dict(config.inductor_options)
-        fn = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=options)
-    else:
-        # A custom backend (e.g. a test's compile counter wrapping inductor) gets no
-        # options from torch.compile, so the inductor settings are patched around
-        # each call, which is when compilation happens.
-        compiled = torch.compile(gm, backend=config.backend, fullgraph=True, dynamic=False)
-        options = dict(config.inductor_options)
-
-        def fn(*args: Any) -> Any:
-            with torch._inductor.config.patch(options):
-                return compiled(*args)
+    fn = RowDispatch(gm, config) if config.strategy == "specialize" else _compile(gm, config)
     return Lowered(gm, fn, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))

@@ -77,6 +77,18 @@ def _pixart(latent: int):
     return model, {"encoder_hidden_states": (5, 24), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
 
 
+def _pixart_alpha(latent: int):
+    # PixArt-alpha 512's transformer config (28 blocks, width 1152, ~600M parameters).
+    from diffusers import PixArtTransformer2DModel
+
+    model = PixArtTransformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=4, out_channels=8, num_layers=28,
+        num_attention_heads=16, attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096,
+        norm_type="ada_norm_single", use_additional_conditions=False,
+    )
+    return model, {"encoder_hidden_states": (120, 4096), "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
 def _sd3(latent: int):
     from diffusers import SD3Transformer2DModel
 
@@ -114,6 +126,7 @@ MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "sdxl": _sdxl,
     "sdxl-small": lambda latent: _sdxl(latent, scale=16),
     "pixart": _pixart,
+    "pixart-alpha": _pixart_alpha,
     "sd3": _sd3,
     "flux": _flux,
     "dit": _dit,
@@ -172,7 +185,7 @@ def step_inputs(name: str, model: torch.nn.Module, extra: dict, *, latent: int, 
     if name == "dit":
         kwargs.update(timestep=t.expand(batch), class_labels=torch.arange(batch) % 10, return_dict=False)
         return (x,), kwargs
-    if name in ("pixart", "sd3"):
+    if name in ("pixart", "pixart-alpha", "sd3"):
         kwargs.update(timestep=t.expand(batch), return_dict=False)
         return (x,), kwargs
     kwargs["return_dict"] = False

@@ -146,11 +146,15 @@ def floors(n, seeds):
     return {"real_vs_real_2500": _agg(fds)}
 
 
-def markdown(results, floor, command, threads=None):
+def markdown(results, floor, commands, threads=None):
+    if isinstance(commands, str):
+        commands = [commands]
     lines = [
         "# Quality benchmark (paper Table 1 protocol) on bcc-digits",
         "",
-        f"Command: `{command}`",
+        "Commands (later runs replace the rows of the configurations they measure):",
+        "",
+        *[f"- `{c}`" for c in commands],
         "",
         "FD-digits is the Fréchet distance in the shipped digit classifier's feature space against all",
         "5,000 real digits — **not** Inception FID. Paired metrics compare with the uncached baseline",
@@ -211,25 +215,36 @@ def main(argv=None) -> int:
     ap.add_argument("--ss-iterations", type=int, default=150, help="scale-shift training trajectories")
     ap.add_argument("--ss-kind", choices=["table", "linear"], default="table")
     ap.add_argument("--ss-loss", choices=["output", "block"], default="output")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of OUT/quality.json for configurations this run does not measure")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     blocks = "attention" if args.blocks == "attention" else ALL_BLOCKS
-    results = []
+    results, commands = [], []
+    if args.merge and (out_dir / "quality.json").exists():
+        old = json.loads((out_dir / "quality.json").read_text())
+        commands = old.get("commands") or [old["command"]]
+        results = old["results"]
+    command = "python -m bcc.bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = commands + [command]
     for arch, cfg in [(a, c) for c in args.configs for a in args.arch]:
         solver, steps = cfg.split("-")
+        key = (arch, solver, int(steps))
+        results = [r for r in results if (r["arch"], r["solver"], r["steps"]) != key]
         results.append(bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
                                     out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
                                     ss_kind=args.ss_kind, ss_loss=args.ss_loss))
+        results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
         floor = floors(args.n, args.seeds)
-        command = "python -m bcc.bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-        (out_dir / "quality.json").write_text(json.dumps({"command": command, "threads": args.threads, "floors": floor, "results": results},
-                                                         indent=1, default=str))
-        (out_dir / "quality.md").write_text(markdown(results, floor, command, args.threads))
-        log(markdown(results, floor, command, args.threads))
+        (out_dir / "quality.json").write_text(json.dumps(
+            {"command": command, "commands": commands, "threads": args.threads, "floors": floor, "results": results},
+            indent=1, default=str))
+        (out_dir / "quality.md").write_text(markdown(results, floor, commands, args.threads))
+        log(markdown(results, floor, commands, args.threads))
     return 0
 
 

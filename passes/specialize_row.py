@@ -1,0 +1,89 @@
+"""Specialise a gated graph to one schedule row: every ``cond`` becomes its taken branch.
+
+The gated graph decides per block at run time (one graph for all steps). For a fixed
+row of the schedule the decisions are known, so the branch can be inlined: no
+``cond``, no predicate read, and inductor may fuse across block boundaries. One such
+graph per distinct row is the alternative DESIGN.md §3 names for CUDA graphs
+(``mode="reduce-overhead"`` cannot capture a data-dependent branch); the runtime picks
+the graph for the step's row on the host. The inputs stay those of the gated graph
+(schedule and step included, unused) so both forms are called the same way.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from bcc.errors import BccInternalError
+
+__all__ = ["SpecializeRowPass", "specialized"]
+
+
+def _block_index(cond: fx.Node) -> int:
+    # GateBlocksPass makes each predicate ``select(row, 0, i)``.
+    pred = cond.args[0]
+    if not (isinstance(pred, fx.Node) and pred.target is torch.ops.aten.select.int):
+        raise BccInternalError(f"cond {cond.name} has no schedule-column predicate")
+    return int(pred.args[2])
+
+
+class SpecializeRowPass(PassBase):
+    """Replace each block's ``cond`` by a call of the branch ``row`` selects.
+
+    Example:
+        >>> import torch
+        >>> from bcc.capture import capture
+        >>> from bcc.passes import AnnotateBlocksPass, GateBlocksPass, OutlineBlocksPass
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return self.a(x) * 2
+        >>> gm = capture(Net(), (torch.ones(1, 2),)).gm
+        >>> for p in (AnnotateBlocksPass(names=["a"]), OutlineBlocksPass(), GateBlocksPass(mode="output")):
+        ...     gm = p(gm).graph_module
+        >>> reuse = SpecializeRowPass([False])(specialized(gm)).graph_module
+        >>> sum(n.target is torch.ops.higher_order.cond for n in reuse.graph.nodes)
+        0
+        >>> cache = torch.full((1, 2), 3.0)
+        >>> reuse(torch.ones(1, 1, dtype=torch.bool), torch.tensor(0), cache, torch.ones(1, 2))[0]
+        tensor([[6., 6.]])
+    """
+
+    def __init__(self, row: Sequence[bool]):
+        super().__init__()
+        self.row = tuple(bool(b) for b in row)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        conds = [n for n in graph.nodes if n.target is torch.ops.higher_order.cond]
+        for cond in conds:
+            i = _block_index(cond)
+            if i >= len(self.row):
+                raise BccInternalError(f"row has {len(self.row)} entries, the graph gates block {i}")
+            branch = cond.args[1 if self.row[i] else 2]
+            with graph.inserting_before(cond):
+                call = graph.call_module(str(branch.target), tuple(cond.args[3]))
+            call.meta = dict(cond.meta)
+            cond.replace_all_uses_with(call)
+            graph.erase_node(cond)
+        graph.eliminate_dead_code()
+        # Placeholders are kept even when unused: the call signature is the gated graph's.
+        gm.delete_all_unused_submodules()
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, bool(conds))
+
+
+def specialized(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm``'s graph over the same module tree (weights are shared, not copied),
+    for :class:`SpecializeRowPass` to edit."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copy = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copy.meta.update(gm.meta)
+    return copy
