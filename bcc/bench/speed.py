@@ -143,7 +143,8 @@ def _time_variants(w: Workload, variants: dict[str, tuple[Callable, Callable | N
 
 
 def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager: bool = True,
-                   eager_schedules=("all", "auto-0.5"), peers: bool = False, log=print) -> dict:
+                   eager_schedules=("all", "auto-0.5"), specialize: bool = False, peers: bool = False,
+                   log=print) -> dict:
     """Measure one workload; returns a JSON-able dict (see the module docstring)."""
     import torch._inductor.config as inductor_config
 
@@ -181,6 +182,17 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
 
     variants = {"plain": (plain_c, None)}
     variants.update({f"bcc[{k}]": (bcc_c, setter(bcc_c, s)) for k, s in sched.items()})
+    if specialize:
+        # One graph per distinct row, compiled at first use: time that separately.
+        spec = bcc.compile(w.model, sched["all"], strategy="specialize")
+        t0 = time.perf_counter()
+        for s in sched.values():
+            spec.set_schedule(s)
+            w.run(spec)
+        rows = len(spec._bcc_current.lowered.fn.variants)
+        comp["specialize"] = {"all_rows_s": time.perf_counter() - t0, "graphs": rows}
+        log(f"   specialize: {rows} distinct rows compiled in {comp['specialize']['all_rows_s']:.1f}s")
+        variants.update({f"spec[{k}]": (spec, setter(spec, s)) for k, s in sched.items()})
     g0 = _graphs()
     timed = _time_variants(w, variants, repeats, log)
     result["graphs_during_timing"] = _graphs() - g0  # 0: every schedule reuses the one compiled graph
@@ -205,10 +217,11 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
         frac = _fraction(s, costs, rest)
         row = {"compute_fraction": frac, "ideal_speedup": 1 / frac, "threshold": s.meta.get("threshold"),
                "mask": s.mask.int().tolist()}
-        for backend in ("compiled", "eager"):
-            t = result.get(backend, {})
-            if f"bcc[{k}]" in t:
-                sp = t["plain"]["trajectory_s"] / t[f"bcc[{k}]"]["trajectory_s"]
+        for backend, t, key in (("compiled", result.get("compiled", {}), f"bcc[{k}]"),
+                                ("eager", result.get("eager", {}), f"bcc[{k}]"),
+                                ("specialize", result.get("compiled", {}), f"spec[{k}]")):
+            if key in t:
+                sp = t["plain"]["trajectory_s"] / t[key]["trajectory_s"]
                 row[backend] = {"speedup": sp, "efficiency": sp * frac}
         result["schedules"][k] = row
     if w.trained:
@@ -243,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
     ap.add_argument("--no-eager", action="store_true", help="skip the eager timings")
+    ap.add_argument("--specialize", action="store_true",
+                    help="also time strategy='specialize' (one compiled graph per distinct schedule row)")
     ap.add_argument("--peers", action="store_true", help="also time the peers (DeepCache, diffusers hooks)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="results/speed")
@@ -259,7 +274,7 @@ def main(argv=None) -> int:
     for name in args.workloads:
         w = build_workload(name, latent=args.latent, steps=args.steps)
         r = bench_workload(w, schedules=args.schedules, repeats=args.repeats, eager=not args.no_eager,
-                           peers=args.peers, log=log)
+                           specialize=args.specialize, peers=args.peers, log=log)
         r.update(command=command, threads=args.threads, torch=torch.__version__)
         results[name] = r
         write_report(results, out)

@@ -17,10 +17,10 @@ def _f(x, fmt=".2f", none="—"):
     return none if x is None else format(x, fmt)
 
 
-def _overhead(t: dict) -> float | None:
-    if "bcc[all]" not in t:
+def _overhead(t: dict, key: str = "bcc[all]") -> float | None:
+    if key not in t:
         return None
-    return t["bcc[all]"]["trajectory_s"] / t["plain"]["trajectory_s"] - 1
+    return t[key]["trajectory_s"] / t["plain"]["trajectory_s"] - 1
 
 
 def _step_overhead(t: dict) -> float | None:
@@ -32,6 +32,7 @@ def _step_overhead(t: dict) -> float | None:
 
 def _workload_md(r: dict) -> list[str]:
     c, e = r.get("compiled", {}), r.get("eager", {})
+    spec = "specialize" in r["compile"]
     lines = [
         f"## {r['workload']}",
         "",
@@ -39,21 +40,26 @@ def _workload_md(r: dict) -> list[str]:
         f"({r['threads']} torch thread(s), torch {r['torch']}).",
         "",
         f"- Gate overhead (all-True schedule vs the plain model), compiled: **{_f(_overhead(c), '+.1%')}** per trajectory "
-        f"({_f(_step_overhead(c), '+.1%')} from per-step medians); eager: {_f(_overhead(e), '+.1%')}.",
+        f"({_f(_step_overhead(c), '+.1%')} from per-step medians); eager: {_f(_overhead(e), '+.1%')}"
+        + (f"; strategy='specialize': {_f(_overhead(c, 'spec[all]'), '+.1%')}" if spec else "") + ".",
         f"- Compile (first call, cold inductor cache): plain {r['compile']['plain']['first_call_s']:.1f} s, "
         f"bcc {r['compile']['bcc']['first_call_s']:.1f} s (capture + passes + inductor; "
         f"{r['compile']['bcc']['graphs']} graph). Graphs compiled while all schedules ran: "
-        f"{r['graphs_during_timing']} (the schedule is a graph input).",
+        f"{r['graphs_during_timing']} (the schedule is a graph input)."
+        + (f" strategy='specialize': {r['compile']['specialize']['graphs']} distinct rows, compiled in "
+           f"{r['compile']['specialize']['all_rows_s']:.1f} s in all." if "specialize" in r["compile"] else ""),
         f"- Memory: the caches hold {_f(r.get('cache_mb'), '.1f')} MiB; peak resident growth during a trajectory: plain "
         f"{r['memory']['plain']['peak_rss_delta_mb']:.0f} MiB, bcc "
-        + ", ".join(f"{k[4:-1]} {v['peak_rss_delta_mb']:.0f}" for k, v in r["memory"].items() if k != "plain")
+        + ", ".join(f"{k} {v['peak_rss_delta_mb']:.0f}" for k, v in r["memory"].items() if k != "plain")
         + " MiB.",
         "",
         "| schedule | compute fraction | ideal | compiled: s / trajectory | speedup | efficiency | eager: s / trajectory "
-        "| speedup | efficiency |" + (" paired PSNR dB |" if "fidelity" in r else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if "fidelity" in r else ""),
+        "| speedup | efficiency |" + (" specialized: speedup | efficiency |" if spec else "")
+        + (" paired PSNR dB |" if "fidelity" in r else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if spec else "") + ("---|" if "fidelity" in r else ""),
         f"| plain model | 1.000 | 1.00x | {c['plain']['trajectory_s']:.2f} | 1.00x | — | "
-        f"{_f(e.get('plain', {}).get('trajectory_s'))} | {'1.00x' if e else '—'} | — |" + (" — |" if "fidelity" in r else ""),
+        f"{_f(e.get('plain', {}).get('trajectory_s'))} | {'1.00x' if e else '—'} | — |" + (" 1.00x | — |" if spec else "")
+        + (" — |" if "fidelity" in r else ""),
     ]
     for k, s in r["schedules"].items():
         cells = []
@@ -61,6 +67,9 @@ def _workload_md(r: dict) -> list[str]:
             v = s.get(backend)
             cells += [_f(t.get(f"bcc[{k}]", {}).get("trajectory_s")), _f(v and v["speedup"], ".2f") + ("x" if v else ""),
                       _f(v and v["efficiency"])]
+        if spec:
+            v = s.get("specialize")
+            cells += [_f(v and v["speedup"], ".2f") + ("x" if v else ""), _f(v and v["efficiency"])]
         fid = f" {r['fidelity'][k]['psnr_db']:.1f} |" if "fidelity" in r else ""
         lines.append(f"| bcc {k} | {s['compute_fraction']:.3f} | {s['ideal_speedup']:.2f}x | " + " | ".join(cells) + " |" + fid)
     if r.get("peers"):

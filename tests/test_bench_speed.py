@@ -1,0 +1,48 @@
+"""The speed benchmark's contract (it asserts no times: benchmarks measure, tests prove).
+
+On a tiny model: every schedule runs through one compiled graph (none compiled while
+the schedules are swapped), the ideal speedup follows the FLOPs, and the report files
+are written.
+"""
+import json
+
+import pytest
+
+from bcc.bench.speed import bench_workload
+from bcc.bench.speed_report import write_report
+from bcc.bench.workloads import build_workload
+
+
+@pytest.fixture(scope="module")
+def result():
+    w = build_workload("pixart", steps=4)
+    return bench_workload(w, schedules=("all", "every-2"), repeats=1, eager=True, eager_schedules=("every-2",),
+                          specialize=True, log=lambda msg: None)
+
+
+def test_one_graph_serves_every_schedule(result):
+    assert result["compile"]["bcc"]["graphs"] == 1
+    assert result["graphs_during_timing"] == 0
+    assert result["compile"]["specialize"]["graphs"] == 2  # rows: all True, all False
+
+
+def test_ideal_follows_the_flops(result):
+    s = result["schedules"]
+    assert s["all"]["compute_fraction"] == pytest.approx(1.0)
+    flops, rest = sum(result["block_flops"]), result["rest_flops"]
+    want = (4 * rest + 2 * flops) / (4 * (rest + flops))  # every-2 over 4 steps computes blocks twice
+    assert s["every-2"]["compute_fraction"] == pytest.approx(want)
+    for row in s.values():
+        for backend in ("compiled", "specialize"):
+            assert row[backend]["speedup"] > 0
+            assert row[backend]["efficiency"] == pytest.approx(row[backend]["speedup"] * row["compute_fraction"])
+    assert "eager" in s["every-2"] and "eager" not in s["all"]
+
+
+def test_report_files(result, tmp_path):
+    result.update(command="test", threads=1, torch="x")
+    write_report({"pixart": result}, tmp_path)
+    md = (tmp_path / "speed.md").read_text()
+    assert "Gate overhead" in md and "| bcc every-2 |" in md
+    assert json.loads((tmp_path / "speed.json").read_text())["workloads"]["pixart"]["steps"] == 4
+    assert (tmp_path / "speed.png").stat().st_size > 10_000
