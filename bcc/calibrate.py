@@ -25,10 +25,27 @@ __all__ = ["calibrate", "block_flops"]
 
 def block_flops(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequence[str]) -> tuple[list[float], float]:
     """FLOPs per call of each named block and of the rest of the model, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` on one forward."""
+    ``torch.utils.flop_counter.FlopCounterMode`` on one forward.
+
+    Attention runs on the math SDPA kernel while counting: the counter has no formula
+    for the fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would
+    count attention as free, underrating attention blocks and every compute fraction.
+
+    Example:
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        ...     def forward(self, x):
+        ...         return self.att(x, x, x, need_weights=False)[0]
+        >>> per_block, rest = block_flops(Net(), (torch.randn(1, 16, 8),), {}, ["att"])
+        >>> per_block[0] > 4 * 2 * 16 * 8 * 8  # projections plus q k^T and attn v
+        True
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(*args, **kwargs)
     counts = counter.get_flop_counts()
     root = type(model).__name__

@@ -47,7 +47,8 @@ LOSSES = ("output", "block", "trajectory")
 class _Student(torch.nn.Module):
     """The model wrapped for distillation: each call runs teacher, student and one update."""
 
-    def __init__(self, model, schedule: Schedule, ss: ScaleShift | None, *, kind, loss, mode, lr, timestep_of):
+    def __init__(self, model, schedule: Schedule, ss: ScaleShift | None, *, kind, loss, mode, lr, timestep_of,
+                 guidance_scale=None):
         super().__init__()
         # Named like torch.compile's and bcc's wrappers, so code that unwraps them sees the model.
         self._orig_mod = model
@@ -55,6 +56,7 @@ class _Student(torch.nn.Module):
         self.ss = ss
         self.kind, self.loss_kind, self.mode, self.lr = kind, loss, mode, lr
         self.timestep_of = timestep_of
+        self.guidance_scale = guidance_scale
         self.optimizer = None if ss is None else torch.optim.Adam(ss.parameters(), lr=lr)
         self.calls = 0
         self.targets: list = []  # loss="trajectory": the teacher's outputs on its own trajectory
@@ -162,7 +164,7 @@ class _Student(torch.nn.Module):
 
     def _update(self, out, target, step: int) -> None:
         with torch.enable_grad():
-            pairs = [(s, t) for s, t in zip(pytree.tree_leaves(out), pytree.tree_leaves(target))
+            pairs = [(self._guided(s), self._guided(t)) for s, t in zip(pytree.tree_leaves(out), pytree.tree_leaves(target))
                      if isinstance(s, torch.Tensor)]
             out_loss = sum(torch.mean((s.float() - t.float()) ** 2) for s, t in pairs) / len(pairs)
             terms = []
@@ -179,6 +181,15 @@ class _Student(torch.nn.Module):
         _all_reduce_grads(self.ss)
         self.optimizer.step()
         self.losses.append((float(out_loss.detach()), float(block_loss.detach())))
+
+    def _guided(self, o: torch.Tensor) -> torch.Tensor:
+        # The sampler uses u + w (c - u), which scales errors in c - u by w: an error the
+        # raw output loss rates small can dominate the image. Halves: [uncond; cond].
+        w = self.guidance_scale
+        if w is None or o.shape[0] % 2:
+            return o
+        u, c = o.float().chunk(2)
+        return u + w * (c - u)
 
     def remove(self) -> None:
         self._restore()
@@ -260,6 +271,7 @@ def train_scale_shift(
     resume: bool = False,
     progress: bool = True,
     timestep_of: Callable[[tuple, dict], float] = _default_timestep,
+    guidance_scale: float | None = None,
 ) -> ScaleShift:
     """Learn scale-shift corrections for ``schedule`` by distilling the uncached model.
 
@@ -280,6 +292,10 @@ def train_scale_shift(
             deterministic given condition and seed).
         checkpoint: a ``.safetensors`` path written every ``checkpoint_every``
             iterations (rank 0); ``resume=True`` continues from it.
+        guidance_scale: with classifier-free guidance batched as ``[uncond; cond]`` (the
+            diffusers convention), the output losses compare guided predictions
+            ``u + w (c - u)``, which is what the sampler steps with, instead of the raw
+            halves. ``None`` (default) compares raw outputs.
 
     Returns:
         The trained :class:`ScaleShift`; ``.history`` has the mean losses per iteration.
@@ -324,7 +340,7 @@ def train_scale_shift(
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     student = _Student(model, schedule, ss, kind=kind if ss is None else ss.kind, loss=loss, mode=mode, lr=lr,
-                       timestep_of=timestep_of)
+                       timestep_of=timestep_of, guidance_scale=guidance_scale)
     if ss is not None and ss.kind == "linear":
         student.emb_rows = {s: ss.embedding[s] for s in range(ss.num_steps)}
     history: list[dict[str, float]] = list((ss.meta.get("history") if ss is not None else None) or [])

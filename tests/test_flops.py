@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.fx as fx
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bcc
@@ -11,7 +12,8 @@ from conftest import built, trajectory_inputs
 
 
 def _flops(model, inputs):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # The math SDPA kernel, as in block_flops: the counter cannot see the fused CPU kernel.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         for a, k in inputs:
             model(*a, **k)
     return counter.get_total_flops()
@@ -51,3 +53,15 @@ def test_predicted_fraction_equals_executed_flops(name):
     entry.lowered.fn = lambda *a: _TakenBranchOnly(entry.lowered.gm).run(*a)
     executed = _flops(fast, inputs)
     assert executed / full == pytest.approx(schedule.compute_fraction(), rel=1e-9)
+
+
+def test_attention_is_counted():
+    # The fused CPU attention kernel has no FLOP formula; block_flops must not rate it free.
+    model, args, kwargs = built("pixart")
+    names = bcc.find_blocks(model, (args, kwargs))
+    costs, _ = block_flops(model, args, kwargs, names)
+    with FlopCounterMode(display=False) as without:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    linear = sum(sum(d.values()) for k, d in without.get_flop_counts().items() if k.endswith("." + names[0]))
+    assert costs[0] > linear > 0

@@ -43,6 +43,7 @@ from .workloads import Workload, build_workload
 __all__ = ["main", "bench_workload", "SCHEDULES"]
 
 SCHEDULES = ("all", "every-2", "every-3", "auto-0.7", "auto-0.5")
+DENSE = ("auto-0.9", "auto-0.8", "auto-0.6", "auto-0.4", "auto-0.3")
 
 
 class _StepTimer:
@@ -143,9 +144,14 @@ def _time_variants(w: Workload, variants: dict[str, tuple[Callable, Callable | N
 
 
 def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager: bool = True,
-                   eager_schedules=("all", "auto-0.5"), specialize: bool = False, peers: bool = False,
+                   eager_schedules=("all", "auto-0.5"), specialize: bool = False, peers: bool | str = False,
                    log=print) -> dict:
-    """Measure one workload; returns a JSON-able dict (see the module docstring)."""
+    """Measure one workload; returns a JSON-able dict (see the module docstring).
+
+    ``peers``: ``False``, ``"eager"``, ``"compiled"`` (eager and compiled) or ``"auto"``
+    (compiled on the small trained models only: a peer's graph breaks make every setting
+    a fresh multi-graph compile, minutes each on the big configs).
+    """
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = False  # compile times from cold, every run
@@ -227,9 +233,11 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     if w.trained:
         result["fidelity"] = _fidelity(w, bcc_c, sched, variants)
     if peers:
-        from .peers_bench import bench_peers
+        from .peers_bench import bench_peers, compare_with_bcc
 
-        result["peers"] = bench_peers(w, plain_c, bcc_c, sched, repeats=repeats, log=log)
+        compiled_peers = w.trained if peers == "auto" else peers == "compiled"
+        result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers, log=log)
+        result["peer_comparison"] = compare_with_bcc(result)
     return result
 
 
@@ -258,7 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager timings")
     ap.add_argument("--specialize", action="store_true",
                     help="also time strategy='specialize' (one compiled graph per distinct schedule row)")
-    ap.add_argument("--peers", action="store_true", help="also time the peers (DeepCache, diffusers hooks)")
+    ap.add_argument("--peers", choices=["none", "eager", "compiled", "auto"], default="none",
+                    help="also time the peers (DeepCache on UNets, diffusers' cache hooks on DiTs); 'auto' "
+                    "compiles them on the digits models only")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="results/speed")
     ap.add_argument("--merge", action="store_true", help="keep OUT/speed.json's other workloads")
@@ -273,8 +283,12 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     for name in args.workloads:
         w = build_workload(name, latent=args.latent, steps=args.steps)
-        r = bench_workload(w, schedules=args.schedules, repeats=args.repeats, eager=not args.no_eager,
-                           specialize=args.specialize, peers=args.peers, log=log)
+        schedules = list(args.schedules)
+        if args.peers != "none" and w.trained:
+            # A denser bcc curve, so each peer meets a bcc schedule of at least its fidelity.
+            schedules += [k for k in DENSE if k not in schedules]
+        r = bench_workload(w, schedules=schedules, repeats=args.repeats, eager=not args.no_eager,
+                           specialize=args.specialize, peers=False if args.peers == "none" else args.peers, log=log)
         r.update(command=command, threads=args.threads, torch=torch.__version__)
         results[name] = r
         write_report(results, out)

@@ -80,18 +80,26 @@ def _workload_md(r: dict) -> list[str]:
 
 def _peers_md(r: dict) -> list[str]:
     p = r["peers"]
+    cmp = {c["label"]: c for c in r.get("peer_comparison", [])}
     lines = [
-        "Peers, timed in the same process, alternating with the plain model and with bcc:",
+        "Peers, timed in the same process, each alternating with the plain model on its backend. "
+        "Compute fraction = FLOPs executed / full (the adapters count skipped modules); "
+        "the last column is bcc compiled at equal fidelity (the fastest bcc schedule with at least the "
+        "peer's paired PSNR) on the trained models, at equal compute fraction (interpolated) otherwise.",
         "",
         "| method | setting | compute fraction | eager speedup | compiled speedup | graphs / breaks (compiled) "
-        "| paired PSNR dB |",
-        "|---|---|---|---|---|---|---|",
+        "| paired PSNR dB | bcc compiled at equal fidelity or fraction |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in p["rows"]:
+        c = cmp.get(row["label"], {})
+        vs = "—" if "bcc_speedup" not in c else (
+            f"{c['bcc_speedup']:.2f}x{' (' + c['bcc_schedule'] + ')' if 'bcc_schedule' in c else ''} "
+            f"{'**faster**' if c['bcc_faster'] else 'slower'}")
         lines.append(
             f"| {row['method']} | {row['label']} | {_f(row.get('compute_fraction'), '.3f')} | "
             f"{_f(row.get('eager_speedup'))}x | {_f(row.get('compiled_speedup'))}{'x' if row.get('compiled_speedup') else ''} | "
-            f"{row.get('graphs', '—')} / {row.get('breaks', '—')} | {_f(row.get('psnr_db'), '.1f')} |")
+            f"{row.get('graphs', '—')} / {row.get('breaks', '—')} | {_f(row.get('psnr_db'), '.1f')} | {vs} |")
     if p.get("notes"):
         lines += ["", *[f"- {n}" for n in p["notes"]]]
     return lines

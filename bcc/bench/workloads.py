@@ -60,10 +60,14 @@ def _ddim(steps: int):
     return sched
 
 
-def _zoo(name: str, latent: int, batch: int, steps: int, family: str, blocks: Any, describe: str) -> Workload:
+def _zoo(name: str, latent: int, batch: int, steps: int, family: str, blocks: Any, describe: str,
+         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Workload:
     """A random-weight zoo model in a real DDIM loop: each step feeds the model's own
     output back, as a pipeline does, so the latents follow a genuine trajectory."""
     model, args, kwargs = zoo.build(name, latent=latent, batch=batch)
+    model.to(device=device, dtype=dtype)
+    kwargs = torch.utils._pytree.tree_map(
+        lambda v: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, kwargs)
     sched = _ddim(steps)
     x0 = args[0].clone()
     channels = x0.shape[1]
@@ -76,8 +80,8 @@ def _zoo(name: str, latent: int, batch: int, steps: int, family: str, blocks: An
 
     def run(denoiser, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(x0.shape, generator=g)
-        sched.set_timesteps(steps)
+        x = torch.randn(x0.shape, generator=g).to(device=device, dtype=dtype)
+        sched.set_timesteps(steps, device=device)
         with torch.no_grad():
             for t in sched.timesteps:
                 x = sched.step(call(denoiser, x, t), t, x, return_dict=False)[0]
@@ -103,26 +107,30 @@ def _digits(arch: str, steps: int, n: int) -> Workload:
                     f"shipped bcc-digits {arch}, 16x16, {n} labels with guidance (batch {2 * n}), DDIM-{steps}", sched)
 
 
-# name -> builder(latent, batch, steps); latent None = the workload's default.
-WORKLOADS: dict[str, Callable[..., Workload]] = {
-    "sd15": lambda latent=None, batch=2, steps=20, n=20: _zoo(
-        "sd15", latent or 32, batch, steps, "unet", UNET_BLOCKS,
-        f"SD-1.5-config UNet (860M, random weights), latent {latent or 32}x{latent or 32}, batch {batch}, DDIM-{steps}"),
-    "pixart-alpha": lambda latent=None, batch=2, steps=20, n=20: _zoo(
-        "pixart-alpha", latent or 16, batch, steps, "dit", "attention",
-        f"PixArt-alpha-config DiT (28 blocks, width 1152, random weights), latent {latent or 16}x{latent or 16} "
-        f"(patch 2), batch {batch}, DDIM-{steps}"),
-    "unet-tiny": lambda latent=None, batch=2, steps=20, n=20: _zoo(
-        "unet-tiny", latent or 8, batch, steps, "unet", UNET_BLOCKS, f"tiny UNet (random weights), latent {latent or 8}"),
-    "pixart": lambda latent=None, batch=2, steps=20, n=20: _zoo(
-        "pixart", latent or 8, batch, steps, "dit", "attention", f"tiny PixArt (random weights), latent {latent or 8}"),
-    "digits-unet": lambda latent=None, batch=2, steps=20, n=20: _digits("unet", steps, n),
-    "digits-dit": lambda latent=None, batch=2, steps=20, n=20: _digits("dit", steps, n),
+# name -> (zoo model, default latent, family, blocks, description); the digits models apart.
+_ZOO = {
+    "sd15": ("sd15", 32, "unet", UNET_BLOCKS, "SD-1.5-config UNet (860M, random weights), latent {l}x{l}"),
+    "pixart-alpha": ("pixart-alpha", 16, "dit", "attention",
+                     "PixArt-alpha-config DiT (28 blocks, width 1152, random weights), latent {l}x{l} (patch 2)"),
+    "unet-tiny": ("unet-tiny", 8, "unet", UNET_BLOCKS, "tiny UNet (random weights), latent {l}x{l}"),
+    "pixart": ("pixart", 8, "dit", "attention", "tiny PixArt (random weights), latent {l}x{l}"),
 }
+WORKLOADS = (*_ZOO, "digits-unet", "digits-dit")
 
 
-def build_workload(name: str, *, latent: int | None = None, batch: int = 2, steps: int = 20, n: int = 20) -> Workload:
-    """Build workload ``name`` (random weights are seeded; the digits models are loaded)."""
-    if name not in WORKLOADS:
-        raise KeyError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
-    return WORKLOADS[name](latent=latent, batch=batch, steps=steps, n=n)
+def build_workload(name: str, *, latent: int | None = None, batch: int = 2, steps: int = 20, n: int = 20,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Workload:
+    """Build workload ``name`` (random weights are seeded; the digits models are loaded).
+
+    ``latent``, ``batch``, ``device`` and ``dtype`` apply to the random-weight models;
+    ``n`` is the number of labels for the digits models (batch ``2 n`` with guidance).
+    """
+    if name in ("digits-unet", "digits-dit"):
+        return _digits(name.split("-")[1], steps, n)
+    if name not in _ZOO:
+        raise KeyError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
+    zoo_name, default, family, blocks, text = _ZOO[name]
+    latent = latent or default
+    describe = text.format(l=latent) + f", batch {batch}, DDIM-{steps}" + (
+        f", {dtype} on {device}" if str(device) != "cpu" or dtype != torch.float32 else "")
+    return _zoo(zoo_name, latent, batch, steps, family, blocks, describe, device, dtype)
