@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--losses", nargs="+", default=["output", "block"], choices=["output", "block", "trajectory"])
     ap.add_argument("--kinds", nargs="+", default=["table", "linear"], choices=["table", "linear"])
+    ap.add_argument("--guided", action="store_true",
+                    help="also train each variant with the guided loss (guidance_scale=3: compare u + 3 (c - u))")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/scale_shift")
@@ -51,15 +53,15 @@ def main(argv=None) -> int:
     base = run(model, labels, noise=noise)
     rows = [{"variant": "naive caching", **paired_report(run(bcc.compile(model, schedule, backend="eager"), labels,
                                                               noise=noise), base)}]
-    for loss in args.losses:
+    for loss, guided in [(loss, g) for loss in args.losses for g in ((False, True) if args.guided else (False,))]:
         for kind in args.kinds:
             t0 = time.perf_counter()
             ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed),
                                        list(range(10)), iterations=args.iterations, kind=kind, loss=loss,
-                                       lr=args.lr, seed=5000, progress=False)
+                                       lr=args.lr, seed=5000, progress=False, guidance_scale=3.0 if guided else None)
             seconds = time.perf_counter() - t0
             imgs = run(bcc.compile(model, schedule, backend="eager", scale_shift=ss), labels, noise=noise)
-            rows.append({"variant": f"scale-shift {kind}, {loss} loss", "train_seconds": seconds,
+            rows.append({"variant": f"scale-shift {kind}, {'guided ' if guided else ''}{loss} loss", "train_seconds": seconds,
                          "parameters": ss.num_parameters(), **paired_report(imgs, base)})
             print(rows[-1], flush=True)
     out = Path(args.out)

@@ -245,6 +245,30 @@ def test_training_loss_falls_on_a_fixed_batch(kind, loss):
     assert (fixed - teacher).abs().mean() < 0.2 * (naive - teacher).abs().mean()
 
 
+def _halves_sample(same: bool):
+    def sample(model, cond, seed):
+        x = torch.randn(1 if same else 2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+        x = torch.cat([x, x]) if same else x  # [uncond; cond], as with classifier-free guidance
+        return [model(x, torch.tensor(900.0 - 150 * s)) for s in range(6)]
+    return sample
+
+
+def test_guided_loss_compares_what_the_sampler_steps_with():
+    schedule = Schedule.every(3, 6, ["blk"])
+
+    def train(sample, w):
+        torch.manual_seed(0)
+        return bcc.train_scale_shift(Drift(), schedule, sample, [None], iterations=20, lr=2e-2, mode="output",
+                                     progress=False, guidance_scale=w).history
+    # Equal halves: u + w (c - u) = c, so the guided loss is the raw loss, step for step.
+    raw, guided = train(_halves_sample(True), None), train(_halves_sample(True), 3.0)
+    assert [h["loss_output"] for h in raw] == pytest.approx([h["loss_output"] for h in guided], rel=1e-5)
+    # Different halves: the guided loss weighs c - u by w, and it still trains.
+    raw, guided = train(_halves_sample(False), None), train(_halves_sample(False), 3.0)
+    assert guided[0]["loss_output"] != pytest.approx(raw[0]["loss_output"], rel=1e-3)
+    assert guided[-1]["loss_output"] < 0.5 * guided[0]["loss_output"]
+
+
 def test_nothing_to_train_and_bad_options():
     model = Drift()
     with pytest.raises(BccError) as e:
