@@ -46,3 +46,21 @@ def test_report_files(result, tmp_path):
     assert "Gate overhead" in md and "| bcc every-2 |" in md
     assert json.loads((tmp_path / "speed.json").read_text())["workloads"]["pixart"]["steps"] == 4
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_recost_recomputes_fractions_and_keeps_timings(result, tmp_path):
+    from bcc.bench.speed import recost
+
+    result.update(command="test", threads=1, torch="x")
+    doctored = json.loads(json.dumps(result, default=str))
+    doctored["block_flops"] = [1.0] * len(doctored["block_flops"])  # as if counted wrong
+    for row in doctored["schedules"].values():
+        row["compute_fraction"] = 0.123
+    (tmp_path / "speed.json").write_text(json.dumps({"workloads": {"pixart": doctored}}))
+    recost(tmp_path, ["pixart"])
+    again = json.loads((tmp_path / "speed.json").read_text())["workloads"]["pixart"]
+    assert again["block_flops"] == pytest.approx(result["block_flops"])
+    for k, row in again["schedules"].items():
+        assert row["compute_fraction"] == pytest.approx(result["schedules"][k]["compute_fraction"])
+        assert row["compiled"]["speedup"] == pytest.approx(result["schedules"][k]["compiled"]["speedup"])
+    assert "recosted" in again
