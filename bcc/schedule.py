@@ -194,18 +194,19 @@ class Schedule:
 
     # -- automatic schedules (bcc.plan) -------------------------------------------
     @classmethod
-    def from_change(cls, profile, threshold: float, *, sum_from: str = "next") -> "Schedule":
+    def from_change(cls, profile, threshold: float, *, sum_from: str = "next", granularity: str = "block") -> "Schedule":
         """The paper's automatic schedule (Eq. 7) for threshold ``threshold``; see :func:`bcc.plan.from_change`."""
         from .plan import from_change
 
-        return from_change(profile, threshold, sum_from=sum_from)
+        return from_change(profile, threshold, sum_from=sum_from, granularity=granularity)
 
     @classmethod
-    def for_budget(cls, profile, target: float, *, kind: str = "fraction", sum_from: str = "next") -> "Schedule":
+    def for_budget(cls, profile, target: float, *, kind: str = "fraction", sum_from: str = "next",
+                   granularity: str = "block") -> "Schedule":
         """The automatic schedule closest to a compute budget; see :func:`bcc.plan.for_budget`."""
         from .plan import for_budget
 
-        return for_budget(profile, target, kind=kind, sum_from=sum_from)
+        return for_budget(profile, target, kind=kind, sum_from=sum_from, granularity=granularity)
 
     # -- files --------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -176,3 +176,35 @@ def test_profile_mismatch_with_model_and_steps():
     assert e.value.code is ErrorCode.PROFILE_MISMATCH
     with pytest.raises(BccError):
         p.check_compatible(num_steps=4)
+
+
+def test_step_granularity_refreshes_all_blocks_on_the_flop_weighted_mean():
+    # Block a changes 0.1 per step and costs 3, b 0.5 and costs 1: the mean is 0.2 per step.
+    l1 = torch.tensor([[0.0, 0.0]] + [[0.1, 0.5]] * 5, dtype=torch.float64)
+    p = ChangeProfile(l1, ["a", "b"], block_flops=(3.0, 1.0))
+    s = from_change(p, 0.3, granularity="step")
+    assert s.mask[:, 0].tolist() == [True, False, True, False, True, False]
+    assert torch.equal(s.mask[:, 0], s.mask[:, 1])
+    assert s.meta["granularity"] == "step"
+    # Per block, each follows its own curve instead.
+    per_block = from_change(p, 0.3)
+    assert per_block.mask[:, 0].tolist() == [True, False, False, True, False, False]
+    assert per_block.mask[:, 1].all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), target=st.floats(0.3, 1.0))
+def test_step_granularity_for_budget_stays_within_target(seed, target):
+    g = torch.Generator().manual_seed(seed)
+    l1 = torch.rand(12, 4, generator=g, dtype=torch.float64)
+    l1[0] = 0
+    p = ChangeProfile(l1, list("abcd"), block_flops=tuple(float(x) for x in torch.rand(4, generator=g) + 0.1))
+    s = for_budget(p, target, granularity="step")
+    assert s.compute_fraction() <= target + 1e-9
+    assert all(len(set(row)) == 1 for row in s.mask.tolist())  # whole steps, never part of one
+
+
+def test_unknown_granularity_says_what_exists():
+    p = ChangeProfile(torch.zeros(3, 1), ["a"])
+    with pytest.raises(BccError, match="granularity must be one of"):
+        from_change(p, 0.1, granularity="layer")
