@@ -55,8 +55,14 @@ def _time(models: dict, run, labels, repeats):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss")
+
+
 def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log,
-                 ss_iterations=150, ss_kind="table", ss_loss="output"):
+                 ss_iterations=150, ss_kind="table", ss_loss="output", rows=ROWS):
+    """One configuration of the table; ``rows`` picks which rows to measure (the
+    baseline always runs: every paired metric is against it)."""
+    rows = ("baseline",) + tuple(r for r in rows if r != "baseline")
     model, conditioner, train_sched = load_digits_model(default_model_dir(arch))
     if arch == "dit":
         blocks = "attention"  # every transformer block: nearly all of a DiT's FLOPs
@@ -66,67 +72,88 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     profile = bcc.calibrate(model, lambda m, label, seed: run_t(m, [label] * 4, seed), list(range(10)), seeds=[100, 101],
                             scheduler=scheduler, guidance_scale=guidance, blocks=blocks, progress=False)
     schedule = bcc.Schedule.for_budget(profile, budget)
-    log(f"   training scale-shift ({ss_kind}, {ss_loss} loss, {ss_iterations} trajectories of 8)")
-    t0 = time.perf_counter()
-    ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run_t(m, [label] * 8, seed), list(range(10)),
-                               iterations=ss_iterations, kind=ss_kind, loss=ss_loss, seed=5000, progress=False)
-    ss_seconds = time.perf_counter() - t0
-    ss.save(out_dir / f"{arch}_{solver}{steps}_scale_shift.safetensors")
-    cached = bcc.compile(model, schedule)
-    cached_ss = bcc.compile(model, schedule, scale_shift=ss)
+    step_schedule = bcc.Schedule.for_budget(profile, budget, granularity="step")
+    result = {"arch": arch, "solver": solver, "steps": steps, "n": n, "seeds": list(seeds),
+              "guidance": guidance, "budget": budget, "blocks": blocks, "speedup": {}, "median_seconds": {}}
     plain = torch.compile(model, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
+    timed = {"plain": plain}
+    eager = {"baseline": model}
+    if "cached" in rows or "cached_ss" in rows:
+        result.update(compute_fraction=schedule.compute_fraction(), ideal_speedup=schedule.ideal_speedup(),
+                      threshold=schedule.meta["threshold"])
+        schedule.save(out_dir / f"{arch}_{solver}{steps}_schedule.json")
+    if "cached" in rows:
+        timed["bcc"] = bcc.compile(model, schedule)
+        eager["cached"] = bcc.compile(model, schedule, backend="eager")
+    if "cached_step" in rows:
+        result.update(compute_fraction_step=step_schedule.compute_fraction(),
+                      ideal_speedup_step=step_schedule.ideal_speedup(), threshold_step=step_schedule.meta["threshold"])
+        step_schedule.save(out_dir / f"{arch}_{solver}{steps}_step_schedule.json")
+        timed["bcc_step"] = bcc.compile(model, step_schedule)
+        eager["cached_step"] = bcc.compile(model, step_schedule, backend="eager")
+    if "cached_ss" in rows:
+        log(f"   training scale-shift ({ss_kind}, {ss_loss} loss, {ss_iterations} trajectories of 8)")
+        t0 = time.perf_counter()
+        ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run_t(m, [label] * 8, seed), list(range(10)),
+                                   iterations=ss_iterations, kind=ss_kind, loss=ss_loss, seed=5000, progress=False)
+        ss_seconds = time.perf_counter() - t0
+        ss.save(out_dir / f"{arch}_{solver}{steps}_scale_shift.safetensors")
+        timed["bcc_ss"] = bcc.compile(model, schedule, scale_shift=ss)
+        eager["cached_ss"] = bcc.compile(model, schedule, backend="eager", scale_shift=ss)
+        result["scale_shift"] = {
+            "kind": ss_kind, "loss": ss_loss, "iterations": ss_iterations, "train_seconds": ss_seconds,
+            "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{ss_loss}"],
+            "loss_last10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[-10:])}
     speed_labels = list(range(10)) * 2
-    med = _time({"plain": plain, "bcc": cached, "bcc_ss": cached_ss}, run_t, speed_labels, repeats)
-    measured = med["plain"] / med["bcc"]
-    fewer = max(1, round(steps / measured))
-    log(f"   schedule fraction {schedule.compute_fraction():.3f} (ideal {schedule.ideal_speedup():.2f}x), "
-        f"measured {measured:.2f}x -> fewer-steps baseline at {fewer} steps")
-    run_f = _sampler(model, conditioner, make_scheduler(solver, train_sched), fewer, guidance)
-    plain_f = torch.compile(model, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
-    med_f = _time({"plain": plain, "fewer": plain_f}, lambda m, l, s: (run_t if m is plain else run_f)(m, l, s),
-                  speed_labels, repeats)
+    med = _time(timed, run_t, speed_labels, repeats)
+    result["median_seconds"].update(med)
+    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss")):
+        if key in med:
+            result["speedup"][name] = med["plain"] / med[key]
+    if "bcc_ss" in med and "bcc" in med:
+        result["scale_shift"]["overhead"] = med["bcc_ss"] / med["bcc"] - 1
+    if "fewer" in rows:
+        # Fewer steps at the measured cost of caching (the per-block schedule's, when measured).
+        measured = result["speedup"].get("cached") or result["speedup"].get("cached_step")
+        fewer = max(1, round(steps / measured))
+        log(f"   measured {measured:.2f}x -> fewer-steps baseline at {fewer} steps")
+        run_f = _sampler(model, conditioner, make_scheduler(solver, train_sched), fewer, guidance)
+        plain_f = torch.compile(model, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
+        med_f = _time({"plain": plain, "fewer": plain_f}, lambda m, l, s: (run_t if m is plain else run_f)(m, l, s),
+                      speed_labels, repeats)
+        result.update(fewer_steps=fewer)
+        result["speedup"]["fewer"] = med_f["plain"] / med_f["fewer"]
+        result["median_seconds"]["fewer"] = med_f["fewer"]
     real, _ = load_digits("all")
     labels = torch.arange(n) % 10
-    rows = {"baseline": [], "fewer": [], "cached": [], "cached_ss": []}
+    measured_rows = {k: [] for k in rows}
     samples = {}
     baselines = []
-    eager_cached = bcc.compile(model, schedule, backend="eager")
-    eager_ss = bcc.compile(model, schedule, backend="eager", scale_shift=ss)
     for seed in seeds:
-        log(f"   seed {seed}: sampling {n} x 4")
-        outs = {"baseline": _generate(run_t, model, labels, seed, chunk),
-                "fewer": _generate(run_f, model, labels, seed, chunk),
-                "cached": _generate(run_t, eager_cached, labels, seed, chunk),
-                "cached_ss": _generate(run_t, eager_ss, labels, seed, chunk)}
+        log(f"   seed {seed}: sampling {n} x {len(rows)}")
+        outs = {k: _generate(run_f if k == "fewer" else run_t, eager.get(k, model), labels, seed, chunk) for k in rows}
         base = outs["baseline"]
         for name, imgs in outs.items():
             samples.setdefault(name, imgs[:40])
             d = distribution_report(imgs, labels, real)
             d.update({f"paired_{k}": v for k, v in paired_report(imgs, base).items() if k != "n"})
-            rows[name].append(d)
+            measured_rows[name].append(d)
         baselines.append(base)
+    result["rows"] = measured_rows
     # Seed-to-seed floor: the same model and settings, only the noise differs.
-    seed_to_seed = [fd_digits(a, b) for a, b in zip(baselines, baselines[1:])]
-    result = {
-        "arch": arch, "solver": solver, "steps": steps, "fewer_steps": fewer, "n": n, "seeds": list(seeds),
-        "guidance": guidance, "budget": budget, "blocks": blocks,
-        "compute_fraction": schedule.compute_fraction(), "ideal_speedup": schedule.ideal_speedup(),
-        "threshold": schedule.meta["threshold"],
-        "speedup": {"cached": measured, "cached_ss": med["plain"] / med["bcc_ss"],
-                    "fewer": med["plain"] / med_f["fewer"] if "fewer" in med_f else None},
-        "median_seconds": {"plain": med["plain"], "bcc": med["bcc"], "bcc_ss": med["bcc_ss"], "fewer": med_f.get("fewer")},
-        "scale_shift": {"kind": ss_kind, "loss": ss_loss, "iterations": ss_iterations, "train_seconds": ss_seconds,
-                        "parameters": ss.num_parameters(), "overhead": med["bcc_ss"] / med["bcc"] - 1,
-                        "loss_first": ss.history[0][f"loss_{ss_loss}"], "loss_last10": statistics.mean(
-                            h[f"loss_{ss_loss}"] for h in ss.history[-10:])},
-        "rows": rows,
-        "seed_to_seed_fd": seed_to_seed,
-    }
-    # Rows: 2 x baseline, 2 x fewer steps, 2 x cached, 2 x cached + scale-shift; columns are digits 0-9.
-    grid = make_grid(torch.cat([samples[k][:20] for k in ("baseline", "fewer", "cached", "cached_ss")]), nrow=10, scale=3)
-    grid.save(out_dir / f"{arch}_{solver}{steps}_grid.png")
-    schedule.save(out_dir / f"{arch}_{solver}{steps}_schedule.json")
+    result["seed_to_seed_fd"] = [fd_digits(a, b) for a, b in zip(baselines, baselines[1:])]
+    # Two grid rows per measured row; columns are digits 0-9.
+    grid = make_grid(torch.cat([samples[k][:20] for k in rows]), nrow=10, scale=3)
+    grid.save(out_dir / f"{arch}_{solver}{steps}_grid{'' if set(rows) == set(ROWS) else '_' + '_'.join(rows[1:])}.png")
     return result
+
+
+def merge_result(old: dict, new: dict) -> dict:
+    """``new``'s rows and numbers over ``old``'s, keeping what ``new`` did not measure."""
+    out = {**old, **{k: v for k, v in new.items() if k not in ("rows", "speedup", "median_seconds")}}
+    for k in ("rows", "speedup", "median_seconds"):
+        out[k] = {**old.get(k, {}), **new.get(k, {})}
+    return out
 
 
 def _agg(values):
@@ -167,11 +194,16 @@ def markdown(results, floor, commands, threads=None):
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for row, steps, speed, frac in (("baseline", r["steps"], 1.0, 1.0),
-                                        ("fewer steps", r["fewer_steps"], r["speedup"]["fewer"], r["fewer_steps"] / r["steps"]),
-                                        ("cached", r["steps"], r["speedup"]["cached"], r["compute_fraction"]),
-                                        ("cached + scale-shift", r["steps"], r["speedup"]["cached_ss"], r["compute_fraction"])):
-            key = {"fewer steps": "fewer", "cached + scale-shift": "cached_ss"}.get(row, row)
+        sp = r["speedup"]
+        for row, key, steps, speed, frac in (
+                ("baseline", "baseline", r["steps"], 1.0, 1.0),
+                ("fewer steps", "fewer", r.get("fewer_steps"), sp.get("fewer"), (r.get("fewer_steps") or 0) / r["steps"]),
+                ("cached (per-block schedule)", "cached", r["steps"], sp.get("cached"), r.get("compute_fraction")),
+                ("cached (step-level schedule)", "cached_step", r["steps"], sp.get("cached_step"),
+                 r.get("compute_fraction_step")),
+                ("cached + scale-shift (per-block)", "cached_ss", r["steps"], sp.get("cached_ss"), r.get("compute_fraction"))):
+            if key not in r["rows"]:
+                continue
             rs = r["rows"][key]
             fd = _agg([x["fd_digits"] for x in rs])
             acc = _agg([x["accuracy"] for x in rs])
@@ -188,13 +220,19 @@ def markdown(results, floor, commands, threads=None):
     lines.append("")
     for r in results:
         s2s = _agg(r["seed_to_seed_fd"])
-        lines.append(f"- {r['arch']} {r['solver']}-{r['steps']}: seed-to-seed FD-digits floor {s2s[0]:.2f} ± {s2s[1]:.2f}; "
-                     f"schedule threshold {r['threshold']:.3f}, ideal speedup {r['ideal_speedup']:.2f}x.")
-        t = r["scale_shift"]
+        lines.append(f"- {r['arch']} {r['solver']}-{r['steps']}: seed-to-seed FD-digits floor {s2s[0]:.2f} ± {s2s[1]:.2f}"
+                     + (f"; per-block schedule threshold {r['threshold']:.3f}, ideal speedup {r['ideal_speedup']:.2f}x."
+                        if "threshold" in r else "."))
+        if "threshold_step" in r:
+            lines.append(f"  Step-level schedule (all blocks refresh together): threshold {r['threshold_step']:.3f}, "
+                         f"ideal speedup {r['ideal_speedup_step']:.2f}x.")
+        t = r.get("scale_shift")
+        if not t:
+            continue
         lines.append(f"  Scale-shift: {t['kind']} form, {t['loss']} loss, {t['iterations']} trajectories, "
                      f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
                      f"loss {t['loss_first']:.2e} -> {t['loss_last10']:.2e} (last 10); "
-                     f"time per trajectory vs naive caching {t['overhead']:+.1%}.")
+                     f"time per trajectory vs naive caching {t.get('overhead', float('nan')):+.1%}.")
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ss-iterations", type=int, default=150, help="scale-shift training trajectories")
     ap.add_argument("--ss-kind", choices=["table", "linear"], default="table")
     ap.add_argument("--ss-loss", choices=["output", "block"], default="output")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                    help="rows to measure (the baseline always runs); with --merge the others are kept")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of OUT/quality.json for configurations this run does not measure")
     args = ap.parse_args(argv)
@@ -233,11 +273,13 @@ def main(argv=None) -> int:
     for arch, cfg in [(a, c) for c in args.configs for a in args.arch]:
         solver, steps = cfg.split("-")
         key = (arch, solver, int(steps))
+        old = next((r for r in results if (r["arch"], r["solver"], r["steps"]) == key), None)
         results = [r for r in results if (r["arch"], r["solver"], r["steps"]) != key]
-        results.append(bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
+        new = bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
                                     out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
-                                    ss_kind=args.ss_kind, ss_loss=args.ss_loss))
+                                    ss_kind=args.ss_kind, ss_loss=args.ss_loss, rows=args.rows)
+        results.append(merge_result(old, new) if old is not None else new)
         results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
         floor = floors(args.n, args.seeds)
         (out_dir / "quality.json").write_text(json.dumps(
