@@ -6,7 +6,8 @@ alternating, and reports medians:
 
 * ``plain``: the model as is (eager) or under ``torch.compile`` (same inductor options);
 * bcc at the schedules ``all`` (nothing reused: the gate's overhead), ``every-2``,
-  ``every-3`` and automatic schedules at compute budgets 0.7 and 0.5, swapped with
+  ``every-3`` and automatic schedules at compute budgets 0.7 and 0.5, per block
+  (``auto-F``, the paper) and step-level (``step-F``), swapped with
   ``set_schedule`` so one compiled graph serves them all (the graph count is recorded).
 
 With each: the ideal speedup from the FLOPs the schedule executes, the efficiency
@@ -42,8 +43,8 @@ from .workloads import Workload, build_workload
 
 __all__ = ["main", "bench_workload", "SCHEDULES"]
 
-SCHEDULES = ("all", "every-2", "every-3", "auto-0.7", "auto-0.5")
-DENSE = ("auto-0.9", "auto-0.8", "auto-0.6", "auto-0.4", "auto-0.3")
+SCHEDULES = ("all", "every-2", "every-3", "auto-0.7", "auto-0.5", "step-0.7", "step-0.5")
+DENSE = ("auto-0.9", "auto-0.8", "auto-0.6", "auto-0.4", "step-0.9", "step-0.8", "step-0.6", "step-0.4", "step-0.3")
 
 
 class _StepTimer:
@@ -111,8 +112,11 @@ def schedules_for(w: Workload, names, profile, costs, rest) -> dict[str, bcc.Sch
             s = bcc.Schedule.every(int(key.split("-")[1]), w.steps, blocks)
         elif key.startswith("auto-"):
             s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]))
+        elif key.startswith("step-"):
+            s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]), granularity="step")
         else:
-            raise ValueError(f"unknown schedule {key!r}; use all, every-N or auto-F")
+            raise ValueError(f"unknown schedule {key!r}; use all, every-N, auto-F (per block) or step-F "
+                             "(step-level: all blocks refresh together)")
         out[key] = s
     return out
 
