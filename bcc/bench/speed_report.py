@@ -30,6 +30,14 @@ def _step_overhead(t: dict) -> float | None:
     return sum(t["bcc[all]"]["step_s"]) / sum(t["plain"]["step_s"]) - 1
 
 
+def _memory(mem: dict) -> str:
+    """Peak resident growth during a trajectory (a 5 ms sampler; small models stay under its resolution)."""
+    plain = mem["plain"]["peak_rss_delta_mb"]
+    others = [v["peak_rss_delta_mb"] for k, v in mem.items() if k != "plain"]
+    return (f"peak resident growth during a trajectory: plain model {plain:.0f} MiB, bcc variants "
+            f"{min(others):.0f}–{max(others):.0f} MiB.")
+
+
 def _workload_md(r: dict) -> list[str]:
     c, e = r.get("compiled", {}), r.get("eager", {})
     spec = "specialize" in r["compile"]
@@ -48,10 +56,7 @@ def _workload_md(r: dict) -> list[str]:
         f"{r['graphs_during_timing']} (the schedule is a graph input)."
         + (f" strategy='specialize': {r['compile']['specialize']['graphs']} distinct rows, compiled in "
            f"{r['compile']['specialize']['all_rows_s']:.1f} s in all." if "specialize" in r["compile"] else ""),
-        f"- Memory: the caches hold {_f(r.get('cache_mb'), '.1f')} MiB; peak resident growth during a trajectory: plain "
-        f"{r['memory']['plain']['peak_rss_delta_mb']:.0f} MiB, bcc "
-        + ", ".join(f"{k} {v['peak_rss_delta_mb']:.0f}" for k, v in r["memory"].items() if k != "plain")
-        + " MiB.",
+        f"- Memory: the caches hold {_f(r.get('cache_mb'), '.1f')} MiB; " + _memory(r["memory"]),
         "",
         "| schedule | compute fraction | ideal | compiled: s / trajectory | speedup | efficiency | eager: s / trajectory "
         "| speedup | efficiency |" + (" specialized: speedup | efficiency |" if spec else "")
