@@ -23,6 +23,13 @@ def _overhead(t: dict, key: str = "bcc[all]") -> float | None:
     return t[key]["trajectory_s"] / t["plain"]["trajectory_s"] - 1
 
 
+def _repeat_ratios(t: dict, key: str = "bcc[all]") -> str:
+    """The ratio of each alternated repeat, to show the spread behind the median."""
+    if key not in t:
+        return "—"
+    return ", ".join(f"{b / a - 1:+.1%}" for a, b in zip(t["plain"]["all_s"], t[key]["all_s"]))
+
+
 def _step_overhead(t: dict) -> float | None:
     """The same from the median latency of each step, summed (less sensitive to one slow step)."""
     if "bcc[all]" not in t:
@@ -48,7 +55,8 @@ def _workload_md(r: dict) -> list[str]:
         f"({r['threads']} torch thread(s), torch {r['torch']}).",
         "",
         f"- Gate overhead (all-True schedule vs the plain model), compiled: **{_f(_overhead(c), '+.1%')}** per trajectory "
-        f"({_f(_step_overhead(c), '+.1%')} from per-step medians); eager: {_f(_overhead(e), '+.1%')}"
+        f"({_f(_step_overhead(c), '+.1%')} from per-step medians; repeat by repeat {_repeat_ratios(c)}); "
+        f"eager: {_f(_overhead(e), '+.1%')}"
         + (f"; strategy='specialize': {_f(_overhead(c, 'spec[all]'), '+.1%')}" if spec else "") + ".",
         f"- Compile (first call, cold inductor cache): plain {r['compile']['plain']['first_call_s']:.1f} s, "
         f"bcc {r['compile']['bcc']['first_call_s']:.1f} s (capture + passes + inductor; "
@@ -57,6 +65,7 @@ def _workload_md(r: dict) -> list[str]:
         + (f" strategy='specialize': {r['compile']['specialize']['graphs']} distinct rows, compiled in "
            f"{r['compile']['specialize']['all_rows_s']:.1f} s in all." if "specialize" in r["compile"] else ""),
         f"- Memory: the caches hold {_f(r.get('cache_mb'), '.1f')} MiB; " + _memory(r["memory"]),
+        *([f"- Compute fractions: {r['recosted']} (`python -m bcc.bench.speed --recost`)."] if r.get("recosted") else []),
         "",
         "| schedule | compute fraction | ideal | compiled: s / trajectory | speedup | efficiency | eager: s / trajectory "
         "| speedup | efficiency |" + (" specialized: speedup | efficiency |" if spec else "")
@@ -117,8 +126,10 @@ def markdown(results: dict[str, Any]) -> str:
         "Whole DDIM trajectories, every variant in one process, alternating, medians over repeats "
         "(`python -m bcc.bench.speed`, also `bcc bench speed`). CPU only: ratios are what count here; "
         "absolute times are this 2-core machine's. The ideal speedup is total FLOPs / executed FLOPs "
-        "(FlopCounterMode); efficiency = measured speedup / ideal. Speedups divide by the plain model "
-        "on the same backend.",
+        "(FlopCounterMode, attention included); efficiency = measured speedup / ideal. Speedups divide by "
+        "the plain model on the same backend. These runs shared the two cores with other benchmark jobs "
+        "(up to five processes at once): alternation cancels slow periods only on average, so look at "
+        "the repeat-by-repeat spread before trusting a difference of a few percent.",
         "",
     ]
     for r in results.values():
