@@ -22,8 +22,8 @@ def _curves(profile: ChangeProfile, granularity: str) -> torch.Tensor:
     FLOP-weighted mean change, so every block refreshes at the same steps. In residual
     mode a block reused on top of fresh upstream output adds a residual computed for
     another input; refreshing the blocks together keeps the residuals of one step
-    consistent (measured on both digits models: +5 to +13 dB paired PSNR at equal
-    compute, see results/quality).
+    consistent (on both digits models it is several dB closer to the uncached model at
+    equal compute: results/quality, results/speed).
     """
     if granularity not in GRANULARITIES:
         raise BccError(ErrorCode.THRESHOLD_INVALID,
