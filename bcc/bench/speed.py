@@ -101,8 +101,8 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def schedules_for(w: Workload, names, profile, costs, rest) -> dict[str, bcc.Schedule]:
-    """The named schedules over the profile's blocks, with FLOP costs attached."""
+def schedules_for(w: Workload, names, profile) -> dict[str, bcc.Schedule]:
+    """The named schedules over the profile's blocks (``all``, ``every-N``, ``auto-F``, ``step-F``)."""
     out = {}
     blocks = profile.block_names
     for key in names:
@@ -119,10 +119,6 @@ def schedules_for(w: Workload, names, profile, costs, rest) -> dict[str, bcc.Sch
                              "(step-level: all blocks refresh together)")
         out[key] = s
     return out
-
-
-def _fraction(s: bcc.Schedule, costs, rest) -> float:
-    return s.compute_fraction(costs, rest)
 
 
 def _time_variants(w: Workload, variants: dict[str, tuple[Callable, Callable | None]], repeats: int, log) -> dict:
@@ -165,9 +161,9 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
                             blocks=w.blocks, scheduler=w.scheduler, progress=False)
     calib_s = time.perf_counter() - t0
     costs, rest = list(profile.block_flops), profile.rest_flops
-    sched = schedules_for(w, schedules, profile, costs, rest)
+    sched = schedules_for(w, schedules, profile)
     log(f"   calibrated {profile.num_blocks} blocks in {calib_s:.0f}s; fractions: "
-        + ", ".join(f"{k} {_fraction(s, costs, rest):.3f}" for k, s in sched.items()))
+        + ", ".join(f"{k} {s.compute_fraction(costs, rest):.3f}" for k, s in sched.items()))
 
     opts = dict(DEFAULT_INDUCTOR_OPTIONS)
     plain_c = torch.compile(w.model, fullgraph=True, options=opts)
