@@ -19,7 +19,7 @@ and a plot.
 
 Example (a few seconds)::
 
-    python -m bcc.bench.speed --workloads unet-tiny --steps 4 --repeats 1 --out /tmp/speed
+    python -m bcc.bench.speed --workloads unet-tiny --steps 4 --repeats 1 --out results/tmp/speed
 """
 from __future__ import annotations
 
