@@ -23,7 +23,8 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	# Two workers: most test time is single-threaded inductor compilation.
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -29,6 +29,10 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="per-step table (default) or a linear layer on the timestep embedding")
     t.add_argument("--loss", choices=("output", "block"), default="output",
                    help="match the model output (default) or each reused block's value")
+    t.add_argument("--groups", type=int, choices=(1, 2), default=1,
+                   help="2: a correction per guidance half [uncond; cond] (default 1: shared)")
+    t.add_argument("--guided-loss", action="store_true",
+                   help="compare guided predictions u + w (c - u) (w = --guidance) instead of raw outputs")
     t.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
     t.add_argument("--mode", choices=("residual", "output"), default="residual", help="cache mode you compile with")
     t.add_argument("--seed", type=int, default=0, help="first noise seed (default 0)")
@@ -54,12 +58,13 @@ def _cmd_train(args) -> int:
                        f"{schedule.num_steps} (the corrections are trained for the schedule's trajectory).")
     if args.per_class is None and not args.model.startswith("zoo:"):
         args.per_class = 8  # a larger batch per trajectory than calibration's 4: steadier gradients
-    model, sample, conditions, _, _, _, _ = _calibrate_setup(args)
+    model, sample, conditions, _, _, guidance, _ = _calibrate_setup(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     with process_group() as (world, rank):
         ss = train_scale_shift(model, schedule, sample, conditions, iterations=args.iterations, kind=args.kind,
                                loss=args.loss, lr=args.lr, mode=args.mode, seed=args.seed, checkpoint=args.out,
-                               checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress)
+                               checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress,
+                               groups=args.groups, guidance_scale=guidance if args.guided_loss else None)
     if rank == 0:
         first, last = ss.history[0][f"loss_{args.loss}"], ss.history[-1][f"loss_{args.loss}"]
         print(f"wrote {args.out}: {args.kind} scale-shift, {len(ss.slots)} cached tensors, {ss.num_parameters():,} "

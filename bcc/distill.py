@@ -48,7 +48,7 @@ class _Student(torch.nn.Module):
     """The model wrapped for distillation: each call runs teacher, student and one update."""
 
     def __init__(self, model, schedule: Schedule, ss: ScaleShift | None, *, kind, loss, mode, lr, timestep_of,
-                 guidance_scale=None):
+                 guidance_scale=None, groups=1):
         super().__init__()
         # Named like torch.compile's and bcc's wrappers, so code that unwraps them sees the model.
         self._orig_mod = model
@@ -57,6 +57,7 @@ class _Student(torch.nn.Module):
         self.kind, self.loss_kind, self.mode, self.lr = kind, loss, mode, lr
         self.timestep_of = timestep_of
         self.guidance_scale = guidance_scale
+        self.groups = groups
         self.optimizer = None if ss is None else torch.optim.Adam(ss.parameters(), lr=lr)
         self.calls = 0
         self.targets: list = []  # loss="trajectory": the teacher's outputs on its own trajectory
@@ -131,7 +132,7 @@ class _Student(torch.nn.Module):
             dim = self._emb_capture.numel() if self._emb_capture is not None else 64
             emb = torch.zeros(T, dim)
         self.ss = ScaleShift(self.slots, T, kind=self.kind, embedding=emb, schedule=self.schedule,
-                             model_fp=model_fingerprint(self._orig_mod), mode=self.mode).to(device)
+                             model_fp=model_fingerprint(self._orig_mod), mode=self.mode, groups=self.groups).to(device)
         self.optimizer = torch.optim.Adam(self.ss.parameters(), lr=self.lr)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -272,6 +273,7 @@ def train_scale_shift(
     progress: bool = True,
     timestep_of: Callable[[tuple, dict], float] = _default_timestep,
     guidance_scale: float | None = None,
+    groups: int = 1,
 ) -> ScaleShift:
     """Learn scale-shift corrections for ``schedule`` by distilling the uncached model.
 
@@ -296,6 +298,8 @@ def train_scale_shift(
             diffusers convention), the output losses compare guided predictions
             ``u + w (c - u)``, which is what the sampler steps with, instead of the raw
             halves. ``None`` (default) compares raw outputs.
+        groups: ``2`` trains a correction per guidance half (``[uncond; cond]``), which lets
+            the guided loss correct ``c - u``; ``1`` (default) shares one across the batch.
 
     Returns:
         The trained :class:`ScaleShift`; ``.history`` has the mean losses per iteration.
@@ -335,12 +339,18 @@ def train_scale_shift(
     if resume and checkpoint is not None and Path(checkpoint).exists():
         ss = ScaleShift.load(checkpoint)
         ss.check_compatible(schedule, model, mode)
+        if ss.groups != groups:
+            raise BccError(
+                ErrorCode.SCALE_SHIFT_MISMATCH,
+                f"the checkpoint {checkpoint} has {ss.groups} batch group(s), this run asks for {groups}; "
+                "resume with the same groups or start a new checkpoint.",
+            )
         start = int(ss.header.get("iteration", 0))
         ss = ss.to(_device(model))
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     student = _Student(model, schedule, ss, kind=kind if ss is None else ss.kind, loss=loss, mode=mode, lr=lr,
-                       timestep_of=timestep_of, guidance_scale=guidance_scale)
+                       timestep_of=timestep_of, guidance_scale=guidance_scale, groups=groups)
     if ss is not None and ss.kind == "linear":
         student.emb_rows = {s: ss.embedding[s] for s in range(ss.num_steps)}
     history: list[dict[str, float]] = list((ss.meta.get("history") if ss is not None else None) or [])
@@ -391,7 +401,7 @@ def train_scale_shift(
 
 
 def _meta(student: _Student, loss: str, lr: float, seed: int, history: list) -> dict[str, Any]:
-    return {"loss": loss, "lr": lr, "seed": seed, "embedding": student.emb_source if student.kind == "linear" else None,
+    return {"loss": loss, "lr": lr, "seed": seed, "guidance_scale": student.guidance_scale, "embedding": student.emb_source if student.kind == "linear" else None,
             "iterations": len(history), "history": history}
 
 

@@ -122,7 +122,7 @@ def export(
             (:meth:`ExportedDenoiser.set_schedule`); False bakes it in as a constant.
         mode: ``"residual"`` or ``"output"`` caching, as in :class:`bcc.BccConfig`.
         scale_shift: trained :class:`bcc.ScaleShift` parameters for ``schedule``; their
-            ``[T, 2, C]`` tables are baked into the program as constants, so the
+            ``[T, 2, B, C]`` tables are baked into the program as constants, so the
             artifact's schedule can then not be swapped (``BCC505``).
 
     Returns:

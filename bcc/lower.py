@@ -45,7 +45,7 @@ def rewrite(
 ) -> fx.GraphModule:
     """Annotate, outline and gate the blocks of a captured graph (no compilation).
 
-    ``scale_shift=True`` adds one ``[T, 2, C]`` table input per cache slot after the caches.
+    ``scale_shift=True`` adds one ``[T, 2, B, C]`` table input per cache slot after the caches.
     """
     passes = [
         AnnotateBlocksPass(selector=selector, names=None if names is None else list(names)),

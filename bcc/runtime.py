@@ -25,7 +25,7 @@ from .lower import Lowered, lower
 from .passes import AnnotateBlocksPass
 from .profile import model_fingerprint
 from .passes.annotate_blocks import BLOCKS
-from .scale_shift import ScaleShift, channel_dim
+from .scale_shift import ScaleShift, channel_dim, table_rows
 from .schedule import Schedule
 
 __all__ = ["BccModule"]
@@ -344,7 +344,7 @@ class _IdentityTables:
         return None
 
     def tables_for(self, graph_slots) -> list[torch.Tensor]:
-        return [torch.zeros(self.num_steps, 2, s.shape[channel_dim(len(s.shape))] if s.shape else 1,
+        return [torch.zeros(self.num_steps, 2, table_rows(s.shape), s.shape[channel_dim(len(s.shape))] if s.shape else 1,
                             dtype=s.dtype, device=s.device) for s in graph_slots]
 
 

@@ -14,9 +14,13 @@ Two parametrisations, both initialised to the identity:
   sinusoidal embedding when it has none).
 - ``"table"``: a free ``[gamma; beta]`` per step (cheaper to train, more parameters).
 
-A schedule fixes the timesteps, so at inference either form is just a ``[T, 2, C]``
-table per cached tensor, which enters the compiled graph as an input and is applied
-inside the reuse branch. Parameters are tied to the schedule, model and mode they were
+``groups=2`` gives each half of the batch its own correction: with classifier-free
+guidance batched as ``[uncond; cond]`` the sampler steps with ``u + w (c - u)``, which
+multiplies any error in ``c - u`` by ``w``, and one shared shift cannot reduce it.
+
+A schedule fixes the timesteps, so at inference either form is just a table per cached
+tensor, expanded to ``[T, 2, B, C]`` (a row per sample, B the batch), which enters the
+compiled graph as an input and is applied inside the reuse branch. Parameters are tied to the schedule, model and mode they were
 trained for; :meth:`ScaleShift.check_compatible` refuses any other.
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ from .errors import BccError, ErrorCode
 from .profile import model_fingerprint
 from .schedule import Schedule
 
-__all__ = ["ScaleShift", "SlotSpec", "slot_spec", "schedule_fingerprint", "channel_dim", "sinusoidal_embedding"]
+__all__ = ["ScaleShift", "SlotSpec", "slot_spec", "schedule_fingerprint", "channel_dim", "sinusoidal_embedding",
+           "batch_broadcast_shape", "table_rows"]
 
 FORMAT = "bcc-scale-shift"
 VERSION = 1
@@ -53,6 +58,28 @@ def broadcast_shape(rank: int, channels: int) -> list[int]:
     if rank:
         shape[channel_dim(rank)] = channels
     return shape
+
+
+def table_rows(shape: Sequence[int]) -> int:
+    """Rows of the per-sample table for a cached tensor of ``shape``: its batch, or 1
+    when it has no batch axis apart from its channels (rank < 2)."""
+    return int(shape[0]) if len(shape) >= 2 else 1
+
+
+def batch_broadcast_shape(shape: Sequence[int]) -> list[int]:
+    """Shape that broadcasts a ``[B, C]`` per-sample row over a tensor of ``shape``.
+
+    Example:
+        >>> batch_broadcast_shape((4, 8, 2, 2)), batch_broadcast_shape((4, 16, 8))
+        ([4, 8, 1, 1], [4, 1, 8])
+    """
+    rank = len(shape)
+    if rank < 2:
+        return broadcast_shape(rank, _channels(shape))
+    out = [1] * rank
+    out[0] = int(shape[0])
+    out[channel_dim(rank)] = _channels(shape)
+    return out
 
 
 def schedule_fingerprint(schedule: Schedule) -> str:
@@ -128,6 +155,8 @@ class ScaleShift(torch.nn.Module):
         >>> x = torch.randn(1, 3, 2, 2)
         >>> torch.equal(ss.adjust(0, x, step=1), x)
         True
+        >>> ScaleShift.identity(s, [SlotSpec("blk", 0, channels=3, rank=4)], groups=2).tables()[0].shape
+        torch.Size([4, 2, 2, 3])
     """
 
     def __init__(
@@ -142,6 +171,7 @@ class ScaleShift(torch.nn.Module):
         mode: str = "residual",
         meta: dict[str, Any] | None = None,
         schedule: Schedule | None = None,
+        groups: int = 1,
     ):
         super().__init__()
         #: the schedule the parameters belong to (saved in the same file)
@@ -152,6 +182,13 @@ class ScaleShift(torch.nn.Module):
             raise BccError(ErrorCode.CONFIG_INVALID, f"scale-shift kind must be one of {KINDS}, got {kind!r}.")
         if kind == "linear" and embedding is None:
             raise BccError(ErrorCode.CONFIG_INVALID, "a 'linear' scale-shift needs the [T, E] timestep embedding table.")
+        if int(groups) != groups or groups < 1:
+            raise BccError(ErrorCode.CONFIG_INVALID,
+                           f"scale-shift groups must be a positive integer (2 = one correction per guidance "
+                           f"half), got {groups!r}.")
+        #: batch groups with their own correction (1: shared; 2: [uncond; cond] halves)
+        self.groups = int(groups)
+        g = [self.groups] if self.groups > 1 else []
         self.slots = tuple(slots)
         self.num_steps = int(num_steps)
         self.kind = kind
@@ -163,20 +200,21 @@ class ScaleShift(torch.nn.Module):
             emb = embedding.detach().float()
             self.register_buffer("embedding", emb)
             self.weight = torch.nn.ParameterList(
-                torch.nn.Parameter(torch.zeros(2 * s.channels, emb.shape[1])) for s in self.slots)
-            self.bias = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(2 * s.channels)) for s in self.slots)
+                torch.nn.Parameter(torch.zeros(2 * self.groups * s.channels, emb.shape[1])) for s in self.slots)
+            self.bias = torch.nn.ParameterList(
+                torch.nn.Parameter(torch.zeros(2 * self.groups * s.channels)) for s in self.slots)
         else:
             self.register_buffer("embedding", torch.zeros(self.num_steps, 0))
             self.table = torch.nn.ParameterList(
-                torch.nn.Parameter(torch.zeros(self.num_steps, 2, s.channels)) for s in self.slots)
+                torch.nn.Parameter(torch.zeros(self.num_steps, 2, *g, s.channels)) for s in self.slots)
 
     @classmethod
     def identity(cls, schedule: Schedule, slots: Sequence[SlotSpec], *, kind: str = "table",
                  embedding: torch.Tensor | None = None, model: torch.nn.Module | None = None,
-                 mode: str = "residual") -> "ScaleShift":
+                 mode: str = "residual", groups: int = 1) -> "ScaleShift":
         """Identity parameters for ``schedule`` (reproduces naive caching exactly)."""
         return cls(slots, schedule.num_steps, kind=kind, embedding=embedding, schedule=schedule,
-                   model_fp=None if model is None else model_fingerprint(model), mode=mode)
+                   model_fp=None if model is None else model_fingerprint(model), mode=mode, groups=groups)
 
     @classmethod
     def for_graph(cls, schedule: Schedule, graph_slots: Sequence[Any], *, model: torch.nn.Module | None = None,
@@ -194,19 +232,40 @@ class ScaleShift(torch.nn.Module):
 
     # -- values ----------------------------------------------------------------------
     def slot_table(self, k: int) -> torch.Tensor:
-        """``[T, 2, C]``: row ``s`` holds ``gamma`` and ``beta`` of slot ``k`` at step ``s``."""
+        """``[T, 2, C]`` (``[T, 2, G, C]`` with ``groups`` G > 1): row ``s`` holds ``gamma``
+        and ``beta`` of slot ``k`` at step ``s``."""
         if self.kind == "table":
             return self.table[k]
-        return (self.embedding @ self.weight[k].t() + self.bias[k]).view(self.num_steps, 2, -1)
+        g = [self.groups] if self.groups > 1 else []
+        return (self.embedding @ self.weight[k].t() + self.bias[k]).view(self.num_steps, 2, *g, -1)
 
     def tables(self) -> list[torch.Tensor]:
         return [self.slot_table(k) for k in range(len(self.slots))]
 
+    def batch_table(self, k: int, shape: Sequence[int]) -> torch.Tensor:
+        """``[T, 2, B, C]`` for a cached tensor of ``shape``: each sample's row of ``gamma, beta``."""
+        rows = table_rows(shape)
+        t = self.slot_table(k)
+        if self.groups == 1:
+            return t.unsqueeze(2).expand(t.shape[0], 2, rows, t.shape[-1])
+        if len(shape) < 2 or rows % self.groups:
+            raise BccError(
+                ErrorCode.SCALE_SHIFT_MISMATCH,
+                f"the scale-shift parameters have {self.groups} batch groups (one per guidance half), but "
+                f"the cached tensor of block {self.slots[k].block!r} has shape {tuple(shape)}, whose batch "
+                f"does not split into {self.groups}. Batch both guidance halves together, or train with groups=1.",
+            )
+        return t.repeat_interleave(rows // self.groups, dim=2)
+
     def adjust(self, k: int, cached: torch.Tensor, step: int) -> torch.Tensor:
         """``(1 + gamma) * cached + beta`` for slot ``k`` at ``step`` (differentiable)."""
-        row = self.slot_table(k)[step]
-        shape = broadcast_shape(cached.dim(), row.shape[-1])
-        gamma, beta = row[0].view(shape).to(cached.dtype), row[1].view(shape).to(cached.dtype)
+        if self.groups == 1:
+            row = self.slot_table(k)[step]
+            shape = broadcast_shape(cached.dim(), row.shape[-1])
+        else:
+            row = self.batch_table(k, cached.shape)[step]
+            shape = batch_broadcast_shape(cached.shape)
+        gamma, beta = row[0].reshape(shape).to(cached.dtype), row[1].reshape(shape).to(cached.dtype)
         return cached * (1 + gamma) + beta
 
     def slot_index(self, block: str, output: int) -> int:
@@ -216,7 +275,7 @@ class ScaleShift(torch.nn.Module):
         raise KeyError((block, output))
 
     def tables_for(self, graph_slots: Sequence[Any]) -> list[torch.Tensor]:
-        """Detached tables in the order of a rewritten graph's cache slots.
+        """Detached ``[T, 2, B, C]`` tables in the order of a rewritten graph's cache slots.
 
         Graph slots are matched to this module's slots per block, in order, by shape
         (a block's graph outputs and its Python outputs list the same tensors).
@@ -236,7 +295,7 @@ class ScaleShift(torch.nn.Module):
                         "Train scale-shift for this schedule with bcc.train_scale_shift.",
                     )
                 taken.add(match)
-                out.append(self.slot_table(match).detach().to(dtype=g.dtype, device=g.device).contiguous())
+                out.append(self.batch_table(match, g.shape).detach().to(dtype=g.dtype, device=g.device).contiguous())
         return out
 
     # -- compatibility -----------------------------------------------------------------
@@ -273,7 +332,7 @@ class ScaleShift(torch.nn.Module):
         head = {
             "format": FORMAT, "version": VERSION, "kind": self.kind, "num_steps": self.num_steps,
             "schedule_fingerprint": self.schedule_fp, "model_fingerprint": self.model_fp,
-            "mode": self.mode, "slots": [asdict(s) for s in self.slots], "meta": self.meta,
+            "mode": self.mode, "slots": [asdict(s) for s in self.slots], "meta": self.meta, "groups": self.groups,
             "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
         head.update(extra or {})
@@ -320,7 +379,7 @@ class ScaleShift(torch.nn.Module):
         emb = tensors.get("embedding")
         ss = cls(slots, head["num_steps"], kind=head["kind"], embedding=emb if head["kind"] == "linear" else None,
                  schedule_fp=head["schedule_fingerprint"], model_fp=head["model_fingerprint"],
-                 mode=head["mode"], meta=head.get("meta"),
+                 mode=head["mode"], meta=head.get("meta"), groups=int(head.get("groups", 1)),
                  schedule=Schedule.from_dict(head["schedule"]) if head.get("schedule") else None)
         ss.load_state_dict(tensors)
         ss.header = head
@@ -330,4 +389,5 @@ class ScaleShift(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, slots={len(self.slots)}, steps={self.num_steps}, params={self.num_parameters()}"
+        return (f"kind={self.kind}, slots={len(self.slots)}, steps={self.num_steps}, groups={self.groups}, "
+                f"params={self.num_parameters()}")

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kinds", nargs="+", default=["table", "linear"], choices=["table", "linear"])
     ap.add_argument("--guided", action="store_true",
                     help="also train each variant with the guided loss (guidance_scale=3: compare u + 3 (c - u))")
+    ap.add_argument("--groups", nargs="+", type=int, default=[1], choices=[1, 2],
+                    help="batch groups to try: 2 gives each guidance half its own correction")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/scale_shift")
@@ -53,17 +55,21 @@ def main(argv=None) -> int:
     base = run(model, labels, noise=noise)
     rows = [{"variant": "naive caching", **paired_report(run(bcc.compile(model, schedule, backend="eager"), labels,
                                                               noise=noise), base)}]
-    for loss, guided in [(loss, g) for loss in args.losses for g in ((False, True) if args.guided else (False,))]:
-        for kind in args.kinds:
-            t0 = time.perf_counter()
-            ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed),
-                                       list(range(10)), iterations=args.iterations, kind=kind, loss=loss,
-                                       lr=args.lr, seed=5000, progress=False, guidance_scale=3.0 if guided else None)
-            seconds = time.perf_counter() - t0
-            imgs = run(bcc.compile(model, schedule, backend="eager", scale_shift=ss), labels, noise=noise)
-            rows.append({"variant": f"scale-shift {kind}, {'guided ' if guided else ''}{loss} loss", "train_seconds": seconds,
-                         "parameters": ss.num_parameters(), **paired_report(imgs, base)})
-            print(rows[-1], flush=True)
+    variants = [(loss, g, k, n) for loss in args.losses for g in ((False, True) if args.guided else (False,))
+                for k in args.kinds for n in args.groups]
+    for loss, guided, kind, groups in variants:
+        t0 = time.perf_counter()
+        ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed),
+                                   list(range(10)), iterations=args.iterations, kind=kind, loss=loss,
+                                   lr=args.lr, seed=5000, progress=False, guidance_scale=3.0 if guided else None,
+                                   groups=groups)
+        seconds = time.perf_counter() - t0
+        imgs = run(bcc.compile(model, schedule, backend="eager", scale_shift=ss), labels, noise=noise)
+        per_half = ", per guidance half" if groups == 2 else ""
+        rows.append({"variant": f"scale-shift {kind}, {'guided ' if guided else ''}{loss} loss{per_half}",
+                     "train_seconds": seconds,
+                     "parameters": ss.num_parameters(), **paired_report(imgs, base)})
+        print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python examples/scale_shift_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.errors import BccInternalError
 
-from bcc.scale_shift import broadcast_shape, channel_dim
+from bcc.scale_shift import batch_broadcast_shape
 
 from .annotate_blocks import BLOCKS, META
 from .outline_blocks import PREFIX
@@ -101,8 +101,9 @@ class _Holder(torch.nn.Module):
 
 
 def _adjust(g: fx.Graph, cache: fx.Node, row: fx.Node, val: torch.Tensor) -> fx.Node:
-    """``(1 + gamma) * cache + beta`` with ``row = [[gamma], [beta]]`` of shape ``[1, 2, C]``."""
-    shape = broadcast_shape(val.dim(), int(val.shape[channel_dim(val.dim())]) if val.dim() else 1)
+    """``(1 + gamma) * cache + beta`` with ``row = [[gamma], [beta]]`` of shape ``[1, 2, B, C]``
+    (a row per sample, so guidance halves can have corrections of their own)."""
+    shape = batch_broadcast_shape(tuple(val.shape))
     pair = g.call_function(aten.select.int, (row, 0, 0))
     gamma = g.call_function(aten.reshape.default, (g.call_function(aten.select.int, (pair, 0, 0)), shape))
     beta = g.call_function(aten.reshape.default, (g.call_function(aten.select.int, (pair, 0, 1)), shape))
@@ -152,7 +153,7 @@ class GateBlocksPass(PassBase):
     the outputs. Writes ``gm.meta["bcc_cache_slots"]`` (a :class:`CacheSlot` each).
 
     With ``scale_shift=True`` it also adds one ``bcc_ss_*`` input per cache slot (a
-    ``[T, 2, C]`` table of ``gamma, beta``); the reuse branch then returns
+    ``[T, 2, B, C]`` table of ``gamma, beta`` per sample); the reuse branch then returns
     ``(1 + gamma[step]) * cache + beta[step]`` where it returned ``cache``.
 
     Example:
@@ -235,7 +236,7 @@ class GateBlocksPass(PassBase):
                 # own lowering with other strides, so operands enter contiguous.
                 operands = tuple(a if a.op == "get_attr" else _contiguous(graph, a) for a in node.args)
                 pred = graph.call_function(aten.select.int, (row, 0, i))
-                # This step's [1, 2, C] rows are picked outside the branch, like the predicate.
+                # This step's [1, 2, B, C] rows are picked outside the branch, like the predicate.
                 ss_rows = tuple(graph.call_function(aten.index_select.default, (t, 0, step1)) for t in ss_nodes[i])
                 t_attr = graph.get_attr(true_name)
                 f_attr = graph.get_attr(false_name)

@@ -33,11 +33,11 @@ def _toy_ss(schedule, mode="residual"):
     return ss
 
 
-def _expected(mask, steps, mode):
-    """Toy (b0 = 2x, b1 = x + 10) with the corrections of _toy_ss, by hand."""
+def _expected(mask, steps, mode, gb=lambda s: (1 + 0.5 * (s + 1), -float(s))):
+    """Toy (b0 = 2x, b1 = x + 10) with the corrections of _toy_ss (or ``gb``), by hand."""
     outs, c0, c1 = [], None, None
     for s, (x, t) in enumerate(steps):
-        g, b = 1 + 0.5 * (s + 1), -float(s)
+        g, b = gb(s)
         if mask[s, 0]:
             h = x * 2
             c0 = h - x if mode == "residual" else h
@@ -386,3 +386,75 @@ def test_export_bakes_scale_shift_and_matches_compile(tmp_path):
     with pytest.raises(BccError) as e:
         bcc.export(Toy(), Schedule.every(2, 5, ["b0", "b1"]), (steps[0], {}), scale_shift=ss)
     assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
+
+
+def _grouped_ss(schedule):
+    """Two guidance halves (rows 0 and 1 of a batch of 2) with different corrections."""
+    ss = ScaleShift.identity(schedule, [SlotSpec("b0", 0, 3, 2), SlotSpec("b1", 0, 3, 2)], groups=2)
+    with torch.no_grad():
+        for table in ss.table:
+            for s in range(schedule.num_steps):
+                table[s, 0, 0], table[s, 0, 1] = 0.5 * (s + 1), float(s + 1)
+                table[s, 1, 0], table[s, 1, 1] = -float(s), 2.0 * s
+    return ss
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_grouped_corrections_apply_per_guidance_half(backend):
+    schedule = Schedule(MASK, ("b0", "b1"))
+    steps = _steps(5)
+    model = bcc.compile(Toy(), schedule, backend=backend, scale_shift=_grouped_ss(schedule))
+    got = [model(x, t) for x, t in steps]
+    for row, (scale, shift) in enumerate(((0.5, -1.0), (1.0, 2.0))):
+        # Row r of the batch follows the by-hand recurrence with its group's gamma and beta.
+        want = _expected(MASK, [(x[row:row + 1], t) for x, t in steps], "residual",
+                         lambda s: (1 + scale * (s + 1), shift * s))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[row:row + 1], b, rtol=1e-6, atol=1e-5)
+
+
+def test_grouped_parameters_round_trip_and_refuse_an_odd_batch(tmp_path):
+    schedule = Schedule(MASK, ("b0", "b1"))
+    ss = _grouped_ss(schedule)
+    back = ScaleShift.load(ss.save(tmp_path / "g.safetensors"))
+    assert back.groups == 2 and all(torch.equal(a, b) for a, b in zip(back.tables(), ss.tables()))
+    model = bcc.compile(Toy(), schedule, backend="eager", scale_shift=back)
+    with pytest.raises(BccError) as e:
+        model(torch.randn(3, 3), torch.tensor(1.0))  # three rows do not split into two halves
+    assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH and "groups" in str(e.value)
+    with pytest.raises(BccError) as e:
+        ScaleShift.identity(schedule, ss.slots, groups=0)
+    assert e.value.code is ErrorCode.CONFIG_INVALID
+
+
+class HalfScaled(torch.nn.Module):
+    """Like Scaled, but the two guidance halves drift in opposite directions: a shared
+    correction cannot follow both, one per half can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, t):
+        sign = torch.tensor([1.0, -1.0]).repeat_interleave(x.shape[0] // 2).view(-1, 1, 1, 1)
+        return self.conv(x) * (1 + sign * t / 1000) + sign * t / 1000
+
+
+class HalfDrift(Drift):
+    def __init__(self):
+        super().__init__()
+        self.blk = HalfScaled()
+
+
+def test_a_correction_per_guidance_half_fits_what_a_shared_one_cannot():
+    schedule = Schedule.every(3, 6, ["blk"])
+
+    def train(groups):
+        torch.manual_seed(0)
+        return bcc.train_scale_shift(HalfDrift(), schedule, _halves_sample(False), [None], iterations=60, lr=2e-2,
+                                     mode="output", progress=False, guidance_scale=3.0, groups=groups).history
+    shared, grouped = train(1), train(2)
+    assert grouped[-1]["loss_output"] < 0.1 * grouped[0]["loss_output"]
+    assert grouped[-1]["loss_output"] < 0.5 * shared[-1]["loss_output"], (shared[-1], grouped[-1])
+    # The corrected cached values themselves: near the teacher's per half, far off shared.
+    assert grouped[-1]["loss_block"] < 0.1 * shared[-1]["loss_block"], (shared[-1], grouped[-1])

@@ -39,11 +39,13 @@ def _dynamo_counts() -> tuple[int, int]:
     return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
-def bench_peers(w, plain_c, *, repeats: int = 3, compiled: bool = True, log=print) -> dict[str, Any]:
-    """Time every peer setting for workload ``w``; ``plain_c`` is the compiled plain model."""
+def bench_peers(w, plain_c, *, repeats: int = 3, compiled: bool = True, sweep: str = "full",
+                log=print) -> dict[str, Any]:
+    """Time every peer setting for workload ``w`` (``sweep``: see ``peer_settings``);
+    ``plain_c`` is the compiled plain model."""
     from bcc.metrics import mean_psnr
 
-    settings = peer_settings(w.family)
+    settings = peer_settings(w.family, sweep)
     # Peers patch the model they run on, so they get a copy and the plain model can be
     # timed beside them, untouched.
     model = copy.deepcopy(w.model)

@@ -59,7 +59,7 @@ ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss")
 
 
 def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log,
-                 ss_iterations=150, ss_kind="table", ss_loss="output", rows=ROWS):
+                 ss_iterations=150, ss_kind="table", ss_loss="output", ss_groups=1, ss_guided=False, rows=ROWS):
     """One configuration of the table; ``rows`` picks which rows to measure (the
     baseline always runs: every paired metric is against it)."""
     rows = ("baseline",) + tuple(r for r in rows if r != "baseline")
@@ -92,16 +92,19 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         timed["bcc_step"] = bcc.compile(model, step_schedule)
         eager["cached_step"] = bcc.compile(model, step_schedule, backend="eager")
     if "cached_ss" in rows:
-        log(f"   training scale-shift ({ss_kind}, {ss_loss} loss, {ss_iterations} trajectories of 8)")
+        log(f"   training scale-shift ({ss_kind}, {ss_loss} loss{', guided' if ss_guided else ''}, groups {ss_groups}, "
+            f"{ss_iterations} trajectories of 8)")
         t0 = time.perf_counter()
         ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run_t(m, [label] * 8, seed), list(range(10)),
-                                   iterations=ss_iterations, kind=ss_kind, loss=ss_loss, seed=5000, progress=False)
+                                   iterations=ss_iterations, kind=ss_kind, loss=ss_loss, seed=5000, progress=False,
+                                   groups=ss_groups, guidance_scale=guidance if ss_guided else None)
         ss_seconds = time.perf_counter() - t0
         ss.save(out_dir / f"{arch}_{solver}{steps}_scale_shift.safetensors")
         timed["bcc_ss"] = bcc.compile(model, schedule, scale_shift=ss)
         eager["cached_ss"] = bcc.compile(model, schedule, backend="eager", scale_shift=ss)
         result["scale_shift"] = {
-            "kind": ss_kind, "loss": ss_loss, "iterations": ss_iterations, "train_seconds": ss_seconds,
+            "kind": ss_kind, "loss": ss_loss, "groups": ss_groups, "guided_loss": ss_guided,
+            "iterations": ss_iterations, "train_seconds": ss_seconds,
             "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{ss_loss}"],
             "loss_last10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[-10:])}
     speed_labels = list(range(10)) * 2
@@ -229,7 +232,9 @@ def markdown(results, floor, commands, threads=None):
         t = r.get("scale_shift")
         if not t:
             continue
-        lines.append(f"  Scale-shift: {t['kind']} form, {t['loss']} loss, {t['iterations']} trajectories, "
+        how = (" on the guided prediction" if t.get("guided_loss") else "") + (
+            f", a correction per guidance half" if t.get("groups", 1) == 2 else "")
+        lines.append(f"  Scale-shift: {t['kind']} form, {t['loss']} loss{how}, {t['iterations']} trajectories, "
                      f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
                      f"loss {t['loss_first']:.2e} -> {t['loss_last10']:.2e} (last 10); "
                      f"time per trajectory vs naive caching {t.get('overhead', float('nan')):+.1%}.")
@@ -253,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ss-iterations", type=int, default=150, help="scale-shift training trajectories")
     ap.add_argument("--ss-kind", choices=["table", "linear"], default="table")
     ap.add_argument("--ss-loss", choices=["output", "block"], default="output")
+    ap.add_argument("--ss-groups", type=int, default=1, help="2: a correction per guidance half")
+    ap.add_argument("--ss-guided", action="store_true", help="train on the guided prediction u + w (c - u)")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="rows to measure (the baseline always runs); with --merge the others are kept")
     ap.add_argument("--merge", action="store_true",
@@ -278,7 +285,8 @@ def main(argv=None) -> int:
         new = bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
                                     out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
-                                    ss_kind=args.ss_kind, ss_loss=args.ss_loss, rows=args.rows)
+                                    ss_kind=args.ss_kind, ss_loss=args.ss_loss, ss_groups=args.ss_groups,
+                                    ss_guided=args.ss_guided, rows=args.rows)
         results.append(merge_result(old, new) if old is not None else new)
         results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
         floor = floors(args.n, args.seeds)

@@ -145,7 +145,7 @@ def _time_variants(w: Workload, variants: dict[str, tuple[Callable, Callable | N
 
 def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager: bool = True,
                    eager_schedules=("all", "auto-0.5"), specialize: bool = False, peers: bool | str = False,
-                   log=print) -> dict:
+                   peer_sweep: str = "full", log=print) -> dict:
     """Measure one workload; returns a JSON-able dict (see the module docstring).
 
     ``peers``: ``False``, ``"eager"``, ``"compiled"`` (eager and compiled) or ``"auto"``
@@ -234,7 +234,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
         from .peers_bench import bench_peers, compare_with_bcc
 
         compiled_peers = w.trained if peers == "auto" else peers == "compiled"
-        result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers, log=log)
+        result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers, sweep=peer_sweep, log=log)
         result["peer_comparison"] = compare_with_bcc(result)
     return result
 
@@ -298,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", choices=["none", "eager", "compiled", "auto"], default="none",
                     help="also time the peers (DeepCache on UNets, diffusers' cache hooks on DiTs); 'auto' "
                     "compiles them on the digits models only")
+    ap.add_argument("--peer-sweep", choices=["full", "short"], default="full",
+                    help="'short': two settings per peer (for the big configurations)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="results/speed")
     ap.add_argument("--merge", action="store_true", help="keep OUT/speed.json's other workloads")
@@ -322,7 +324,8 @@ def main(argv=None) -> int:
             # A denser bcc curve, so each peer meets a bcc schedule of at least its fidelity.
             schedules += [k for k in DENSE if k not in schedules]
         r = bench_workload(w, schedules=schedules, repeats=args.repeats, eager=not args.no_eager,
-                           specialize=args.specialize, peers=False if args.peers == "none" else args.peers, log=log)
+                           specialize=args.specialize, peers=False if args.peers == "none" else args.peers,
+                           peer_sweep=args.peer_sweep, log=log)
         r.update(command=command, threads=args.threads, torch=torch.__version__)
         results[name] = r
         write_report(results, out)
