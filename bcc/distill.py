@@ -14,10 +14,16 @@ off) runs on the student's current latent, and the student is pulled towards it:
 - ``loss="trajectory"``: like ``"output"``, but the target at step ``s`` is the teacher's
   output on *its own* trajectory from the same noise and condition (recorded first), so
   the student is pulled back onto the uncached trajectory rather than towards what the
-  teacher would do from wherever the student has drifted.
+  teacher would do from wherever the student has drifted;
+- ``loss="final"``: the mean squared error between the *final* sample of the student's
+  whole trajectory and the teacher's from the same noise and condition, back-propagated
+  through every step (the sampler must run with gradients on), so the corrections are
+  trained for the metric a user sees: how close the cached image is to the uncached one.
 
-Gradients do not flow across steps: latents and caches are detached between calls,
-so memory is one forward pass. Training needs only conditions (labels, prompts).
+With the per-step losses gradients do not flow across steps: latents and caches are
+detached between calls, so memory is one forward pass; ``"final"`` keeps the whole
+trajectory's graph (memory grows with the step count). Training needs only conditions
+(labels, prompts).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ __all__ = ["train_scale_shift", "EMBEDDING_MODULES"]
 # Where diffusers denoisers compute their timestep embedding: UNet2DConditionModel,
 # PixArt (adaLN-single), SD3/Flux (time + pooled text), DiT-style.
 EMBEDDING_MODULES = ("time_embedding", "adaln_single.emb", "time_text_embed", "t_embedder")
-LOSSES = ("output", "block", "trajectory")
+LOSSES = ("output", "block", "trajectory", "final")
 
 
 class _Student(torch.nn.Module):
@@ -104,7 +110,7 @@ class _Student(torch.nn.Module):
             if bool(self.schedule.mask[step, index]):
                 # Not no_grad: a block downstream of a reused one carries the gradient on.
                 out = forward(*args, **kwargs)
-                self.caches[name] = cache_entry(out, inputs, self.mode)
+                self.caches[name] = cache_entry(out, inputs, self.mode, detach=self.loss_kind != "final")
                 return out
             spec, consts, bases, cache = self.caches[name]
             leaves = list(consts)
@@ -137,10 +143,15 @@ class _Student(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         step = self.step
-        self.phase = "teacher"
-        self._emb_capture = None
-        with torch.no_grad():
-            target = self._orig_mod(*args, **kwargs)
+        final = self.loss_kind == "final"
+        target = None
+        # The final loss needs no teacher per step, only to learn the cached tensors'
+        # shapes (first call) and the timestep embedding rows (first trajectory).
+        if not final or self.ss is None or (self.kind == "linear" and step not in self.emb_rows):
+            self.phase = "teacher"
+            self._emb_capture = None
+            with torch.no_grad():
+                target = self._orig_mod(*args, **kwargs)
         if self.loss_kind == "trajectory":
             target = self.targets[step]
         if self.ss is None:
@@ -159,6 +170,8 @@ class _Student(torch.nn.Module):
         with torch.set_grad_enabled(self.loss_kind != "block"):
             out = self._orig_mod(*args, **kwargs)
         self.calls += 1
+        if final:
+            return out  # the graph stays: the loss comes after the last step
         if self.reused:
             self._update(out, target, step)
         return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
@@ -182,6 +195,27 @@ class _Student(torch.nn.Module):
         _all_reduce_grads(self.ss)
         self.optimizer.step()
         self.losses.append((float(out_loss.detach()), float(block_loss.detach())))
+
+    def update_final(self, got: Any, target: Any) -> float:
+        """One step on the final loss: the whole trajectory's graph, back-propagated."""
+        if not (isinstance(got, torch.Tensor) and got.requires_grad):
+            raise BccError(
+                ErrorCode.CONFIG_INVALID,
+                "loss='final' back-propagates through the whole trajectory, so `sample` must return the final "
+                "sample (a tensor) and run with gradients enabled; samplers usually run under torch.no_grad "
+                "(diffusers pipelines do). With bcc.digits.sample pass grad=True; otherwise use loss='output'.",
+            )
+        with torch.enable_grad():
+            loss = torch.mean((got.float() - target.detach().float()) ** 2)
+        if not torch.isfinite(loss):
+            raise _Diverged(float(loss.detach()), self.schedule.num_steps - 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _all_reduce_grads(self.ss)
+        self.optimizer.step()
+        self.caches = {}  # they hold this trajectory's graph
+        self.losses.append((float(loss.detach()), float("nan")))
+        return float(loss.detach())
 
     def _guided(self, o: torch.Tensor) -> torch.Tensor:
         # The sampler uses u + w (c - u), which scales errors in c - u by w: an error the
@@ -289,9 +323,11 @@ def train_scale_shift(
             digits models, see ``results/scale_shift``) or ``"linear"`` (on the timestep
             embedding, the paper's form).
         loss: ``"output"`` (model output vs the teacher on the student's latent),
-            ``"block"`` (each corrected block value vs the teacher's) or ``"trajectory"``
+            ``"block"`` (each corrected block value vs the teacher's), ``"trajectory"``
             (model output vs the teacher on its own trajectory; needs a sampler that is
-            deterministic given condition and seed).
+            deterministic given condition and seed) or ``"final"`` (the final sample vs the
+            teacher's from the same noise, back-propagated through the whole trajectory;
+            needs a deterministic sampler that returns the sample with gradients on).
         checkpoint: a ``.safetensors`` path written every ``checkpoint_every``
             iterations (rank 0); ``resume=True`` continues from it.
         guidance_scale: with classifier-free guidance batched as ``[uncond; cond]`` (the
@@ -362,9 +398,15 @@ def train_scale_shift(
             before = len(student.losses)
             student.calls = 0
             try:
+                cond = conditions[index % len(conditions)]
                 if loss == "trajectory":
-                    student.targets = _record(model, sample, conditions[index % len(conditions)], seed + index)
-                sample(student, conditions[index % len(conditions)], seed + index)
+                    student.targets = _record(model, sample, cond, seed + index)
+                if loss == "final":
+                    with torch.no_grad():
+                        target = sample(model, cond, seed + index)
+                    student.update_final(sample(student, cond, seed + index), target)
+                else:
+                    sample(student, cond, seed + index)
             except _Diverged as d:
                 where = f"the last good parameters are in {last_good}" if last_good else "no checkpoint was written yet"
                 raise BccError(
@@ -383,8 +425,10 @@ def train_scale_shift(
             history.append({"iteration": it + 1,
                             "loss_output": sum(o for o, _ in new) / max(len(new), 1),
                             "loss_block": sum(b for _, b in new) / max(len(new), 1)})
-            if loss == "trajectory":  # the output loss, measured against the teacher's own trajectory
-                history[-1]["loss_trajectory"] = history[-1]["loss_output"]
+            if loss in ("trajectory", "final"):  # the output loss, measured against the teacher's own trajectory
+                history[-1]["loss_" + loss] = history[-1]["loss_output"]
+            if loss == "final":  # no block is compared with the teacher's
+                history[-1].pop("loss_block")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history[-1]['loss_' + loss]:.3g}")
             student.ss.meta.update(_meta(student, loss, lr, seed, history))

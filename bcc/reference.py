@@ -38,12 +38,16 @@ def residual_bases(leaves: list, inputs: list, mode: str = "residual") -> list[i
     return bases
 
 
-def cache_entry(out: Any, inputs: list, mode: str) -> tuple:
-    """What a recomputed block leaves in the cache: ``(spec, consts, bases, cached tensors)``."""
+def cache_entry(out: Any, inputs: list, mode: str, detach: bool = True) -> tuple:
+    """What a recomputed block leaves in the cache: ``(spec, consts, bases, cached tensors)``.
+
+    ``detach=False`` keeps the autograd history (training through whole trajectories)."""
     leaves, spec = pytree.tree_flatten(out)
     bases = residual_bases(leaves, inputs, mode)
-    cache = [None if not isinstance(v, torch.Tensor) else (v - inputs[b] if b is not None else v.clone()).detach()
+    cache = [None if not isinstance(v, torch.Tensor) else (v - inputs[b] if b is not None else v.clone())
              for v, b in zip(leaves, bases)]
+    if detach:
+        cache = [None if v is None else v.detach() for v in cache]
     consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     return spec, consts, bases, cache
 

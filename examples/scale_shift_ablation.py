@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--n", type=int, default=500, help="evaluation images")
     ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--losses", nargs="+", default=["output", "block"], choices=["output", "block", "trajectory"])
+    ap.add_argument("--losses", nargs="+", default=["output", "block"], choices=["output", "block", "trajectory", "final"])
     ap.add_argument("--kinds", nargs="+", default=["table", "linear"], choices=["table", "linear"])
     ap.add_argument("--guided", action="store_true",
                     help="also train each variant with the guided loss (guidance_scale=3: compare u + 3 (c - u))")
@@ -47,8 +47,9 @@ def main(argv=None) -> int:
     scheduler = make_scheduler(args.solver, train_sched)
     steps = schedule.num_steps
 
-    def run(m, labels, seed=0, noise=None):
-        return sample(m, conditioner, scheduler, labels, num_steps=steps, guidance_scale=3.0, seed=seed, noise=noise)
+    def run(m, labels, seed=0, noise=None, grad=False):
+        return sample(m, conditioner, scheduler, labels, num_steps=steps, guidance_scale=3.0, seed=seed, noise=noise,
+                      grad=grad)
 
     labels = [i % 10 for i in range(args.n)]
     noise = torch.randn(args.n, 1, 16, 16, generator=torch.Generator().manual_seed(123))
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
                 for k in args.kinds for n in args.groups]
     for loss, guided, kind, groups in variants:
         t0 = time.perf_counter()
-        ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed),
+        ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run(m, [label] * 8, seed, grad=loss == "final"),
                                    list(range(10)), iterations=args.iterations, kind=kind, loss=loss,
                                    lr=args.lr, seed=5000, progress=False, guidance_scale=3.0 if guided else None,
                                    groups=groups)

@@ -458,3 +458,38 @@ def test_a_correction_per_guidance_half_fits_what_a_shared_one_cannot():
     assert grouped[-1]["loss_output"] < 0.5 * shared[-1]["loss_output"], (shared[-1], grouped[-1])
     # The corrected cached values themselves: near the teacher's per half, far off shared.
     assert grouped[-1]["loss_block"] < 0.1 * shared[-1]["loss_block"], (shared[-1], grouped[-1])
+
+
+def _drift_trajectory(model, cond, seed):
+    """A deterministic sampler that returns its final sample, gradients on."""
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    for s in range(6):
+        x = x - 0.1 * model(x, torch.tensor(900.0 - 150 * s))
+    return x
+
+
+def test_final_loss_trains_through_the_whole_trajectory():
+    torch.manual_seed(0)
+    model = Drift()
+    schedule = Schedule.every(3, 6, ["blk"])
+    ss = bcc.train_scale_shift(model, schedule, _drift_trajectory, [None], iterations=60, lr=2e-2, mode="output",
+                               loss="final", progress=False)
+    first, last = ss.history[0]["loss_final"], ss.history[-1]["loss_final"]
+    assert last < 0.1 * first, (first, last)
+    with torch.no_grad():
+        teacher = _drift_trajectory(model, None, 0)
+        naive = _drift_trajectory(bcc.compile(model, schedule, backend="eager", mode="output"), None, 0)
+        fixed = _drift_trajectory(bcc.compile(model, schedule, backend="inductor", mode="output", scale_shift=ss),
+                                  None, 0)
+    assert (fixed - teacher).abs().mean() < 0.3 * (naive - teacher).abs().mean()
+
+
+def test_final_loss_refuses_a_sampler_without_gradients():
+    @torch.no_grad()
+    def sampler(model, cond, seed):
+        return _drift_trajectory(model, cond, seed)
+
+    with pytest.raises(BccError) as e:
+        bcc.train_scale_shift(Drift(), Schedule.every(3, 6, ["blk"]), sampler, [None], iterations=2, loss="final",
+                              progress=False)
+    assert e.value.code is ErrorCode.CONFIG_INVALID and "grad" in str(e.value)

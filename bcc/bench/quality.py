@@ -30,9 +30,9 @@ ALL_BLOCKS = ["*.attentions.*", "*.resnets.*", "*.upsamplers.*", "*.downsamplers
 
 
 def _sampler(model, conditioner, scheduler, steps, guidance):
-    def run(denoiser, labels, seed, noise=None):
+    def run(denoiser, labels, seed, noise=None, grad=False):
         return sample(denoiser, conditioner, scheduler, labels, num_steps=steps, guidance_scale=guidance,
-                      seed=seed, noise=noise)
+                      seed=seed, noise=noise, grad=grad)
     return run
 
 
@@ -58,21 +58,88 @@ def _time(models: dict, run, labels, repeats):
 ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss")
 
 
+class _Resume:
+    """What an interrupted run of one configuration already did (``--resume DIR``).
+
+    A 50-step configuration takes hours on two cores, longer than one working session,
+    so every finished phase (schedules, scale-shift, timings, each row's images per
+    seed) is kept under ``DIR/<config>/`` and skipped on the next run with the same
+    parameters. Other parameters start the configuration over.
+    """
+
+    def __init__(self, root: str | Path | None, key: str, params: dict):
+        self.dir = None if root is None else Path(root) / key
+        self.state: dict = {}
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self.dir / "state.json"
+        old = json.loads(state.read_text()) if state.exists() else {}
+        if old.get("params") != params:
+            for f in self.dir.iterdir():
+                f.unlink()
+            old = {"params": params}
+        self.state = old
+        self._write()
+
+    def _write(self) -> None:
+        if self.dir is not None:
+            tmp = self.dir / ".state.json.tmp"
+            tmp.write_text(json.dumps(self.state, indent=1, default=str))
+            tmp.replace(self.dir / "state.json")
+
+    def get(self, name: str):
+        return self.state.get(name)
+
+    def put(self, name: str, value) -> None:
+        self.state[name] = value
+        self._write()
+
+    def file(self, name: str) -> Path | None:
+        """``DIR/<config>/name`` if an earlier run wrote it, else None."""
+        return self.dir / name if self.dir is not None and (self.dir / name).exists() else None
+
+    def keep(self, name: str) -> Path | None:
+        return None if self.dir is None else self.dir / name
+
+    def images(self, name: str, make) -> torch.Tensor:
+        if (f := self.file(name)) is not None:
+            return torch.load(f)
+        imgs = make()
+        if self.dir is not None:
+            torch.save(imgs, self.dir / f".{name}.tmp")
+            (self.dir / f".{name}.tmp").replace(self.dir / name)
+        return imgs
+
+
 def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log,
-                 ss_iterations=150, ss_kind="table", ss_loss="output", ss_groups=1, ss_guided=False, rows=ROWS):
+                 ss_iterations=150, ss_kind="table", ss_loss="output", ss_groups=1, ss_guided=False, rows=ROWS,
+                 resume=None):
     """One configuration of the table; ``rows`` picks which rows to measure (the
-    baseline always runs: every paired metric is against it)."""
+    baseline always runs: every paired metric is against it). ``resume``: a folder
+    where finished phases are kept, so an interrupted run continues (see ``_Resume``)."""
     rows = ("baseline",) + tuple(r for r in rows if r != "baseline")
+    res = _Resume(resume, f"{arch}_{solver}{steps}", {
+        "n": n, "seeds": list(seeds), "budget": budget, "blocks": blocks, "guidance": guidance, "chunk": chunk,
+        "repeats": repeats, "ss": [ss_iterations, ss_kind, ss_loss, ss_groups, ss_guided]})
     model, conditioner, train_sched = load_digits_model(default_model_dir(arch))
     if arch == "dit":
         blocks = "attention"  # every transformer block: nearly all of a DiT's FLOPs
     scheduler = make_scheduler(solver, train_sched)
     run_t = _sampler(model, conditioner, scheduler, steps, guidance)
-    log(f"== {arch} {solver}-{steps}: calibrating")
-    profile = bcc.calibrate(model, lambda m, label, seed: run_t(m, [label] * 4, seed), list(range(10)), seeds=[100, 101],
-                            scheduler=scheduler, guidance_scale=guidance, blocks=blocks, progress=False)
-    schedule = bcc.Schedule.for_budget(profile, budget)
-    step_schedule = bcc.Schedule.for_budget(profile, budget, granularity="step")
+    if res.file("schedule.json") and res.file("step_schedule.json"):
+        log(f"== {arch} {solver}-{steps}: resuming from {res.dir}")
+        schedule, step_schedule = (bcc.Schedule.load(res.file(f)) for f in ("schedule.json", "step_schedule.json"))
+    else:
+        log(f"== {arch} {solver}-{steps}: calibrating")
+        profile = bcc.calibrate(model, lambda m, label, seed: run_t(m, [label] * 4, seed), list(range(10)),
+                                seeds=[100, 101], scheduler=scheduler, guidance_scale=guidance, blocks=blocks,
+                                progress=False)
+        schedule = bcc.Schedule.for_budget(profile, budget)
+        step_schedule = bcc.Schedule.for_budget(profile, budget, granularity="step")
+        if res.dir is not None:
+            schedule.save(res.keep("schedule.json"))
+            step_schedule.save(res.keep("step_schedule.json"))
     result = {"arch": arch, "solver": solver, "steps": steps, "n": n, "seeds": list(seeds),
               "guidance": guidance, "budget": budget, "blocks": blocks, "speedup": {}, "median_seconds": {}}
     plain = torch.compile(model, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
@@ -92,41 +159,41 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         timed["bcc_step"] = bcc.compile(model, step_schedule)
         eager["cached_step"] = bcc.compile(model, step_schedule, backend="eager")
     if "cached_ss" in rows:
-        log(f"   training scale-shift ({ss_kind}, {ss_loss} loss{', guided' if ss_guided else ''}, groups {ss_groups}, "
-            f"{ss_iterations} trajectories of 8)")
-        t0 = time.perf_counter()
-        ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run_t(m, [label] * 8, seed), list(range(10)),
-                                   iterations=ss_iterations, kind=ss_kind, loss=ss_loss, seed=5000, progress=False,
-                                   groups=ss_groups, guidance_scale=guidance if ss_guided else None)
-        ss_seconds = time.perf_counter() - t0
+        if res.file("scale_shift.safetensors") and res.get("scale_shift"):
+            ss = bcc.ScaleShift.load(res.file("scale_shift.safetensors"))
+            result["scale_shift"] = dict(res.get("scale_shift"))
+        else:
+            log(f"   training scale-shift ({ss_kind}, {ss_loss} loss{', guided' if ss_guided else ''}, "
+                f"groups {ss_groups}, {ss_iterations} trajectories of 8)")
+            t0 = time.perf_counter()
+            ss = bcc.train_scale_shift(model, schedule,
+                                       lambda m, label, seed: run_t(m, [label] * 8, seed, grad=ss_loss == "final"),
+                                       list(range(10)), iterations=ss_iterations, kind=ss_kind, loss=ss_loss,
+                                       seed=5000, progress=False, groups=ss_groups,
+                                       guidance_scale=guidance if ss_guided else None)
+            result["scale_shift"] = {
+                "kind": ss_kind, "loss": ss_loss, "groups": ss_groups, "guided_loss": ss_guided,
+                "iterations": ss_iterations, "train_seconds": time.perf_counter() - t0,
+                "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{ss_loss}"],
+                "loss_last10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[-10:])}
+            if res.dir is not None:
+                ss.save(res.keep("scale_shift.safetensors"))
+                res.put("scale_shift", result["scale_shift"])
         ss.save(out_dir / f"{arch}_{solver}{steps}_scale_shift.safetensors")
         timed["bcc_ss"] = bcc.compile(model, schedule, scale_shift=ss)
         eager["cached_ss"] = bcc.compile(model, schedule, backend="eager", scale_shift=ss)
-        result["scale_shift"] = {
-            "kind": ss_kind, "loss": ss_loss, "groups": ss_groups, "guided_loss": ss_guided,
-            "iterations": ss_iterations, "train_seconds": ss_seconds,
-            "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{ss_loss}"],
-            "loss_last10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[-10:])}
-    speed_labels = list(range(10)) * 2
-    med = _time(timed, run_t, speed_labels, repeats)
-    result["median_seconds"].update(med)
-    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss")):
-        if key in med:
-            result["speedup"][name] = med["plain"] / med[key]
-    if "bcc_ss" in med and "bcc" in med:
-        result["scale_shift"]["overhead"] = med["bcc_ss"] / med["bcc"] - 1
-    if "fewer" in rows:
-        # Fewer steps at the measured cost of caching (the per-block schedule's, when measured).
-        measured = result["speedup"].get("cached") or result["speedup"].get("cached_step")
-        fewer = max(1, round(steps / measured))
-        log(f"   measured {measured:.2f}x -> fewer-steps baseline at {fewer} steps")
+    timing = res.get("timing")
+    if timing is None:
+        timing = _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log,
+                                lambda k: _sampler(model, conditioner, make_scheduler(solver, train_sched), k, guidance))
+        res.put("timing", timing)
+    result["median_seconds"].update(timing["median_seconds"])
+    result["speedup"].update(timing["speedup"])
+    if "overhead" in timing:
+        result["scale_shift"]["overhead"] = timing["overhead"]
+    if "fewer_steps" in timing:
+        result["fewer_steps"] = fewer = timing["fewer_steps"]
         run_f = _sampler(model, conditioner, make_scheduler(solver, train_sched), fewer, guidance)
-        plain_f = torch.compile(model, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
-        med_f = _time({"plain": plain, "fewer": plain_f}, lambda m, l, s: (run_t if m is plain else run_f)(m, l, s),
-                      speed_labels, repeats)
-        result.update(fewer_steps=fewer)
-        result["speedup"]["fewer"] = med_f["plain"] / med_f["fewer"]
-        result["median_seconds"]["fewer"] = med_f["fewer"]
     real, _ = load_digits("all")
     labels = torch.arange(n) % 10
     measured_rows = {k: [] for k in rows}
@@ -134,7 +201,9 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     baselines = []
     for seed in seeds:
         log(f"   seed {seed}: sampling {n} x {len(rows)}")
-        outs = {k: _generate(run_f if k == "fewer" else run_t, eager.get(k, model), labels, seed, chunk) for k in rows}
+        outs = {k: res.images(f"{k}_seed{seed}.pt", lambda k=k: _generate(run_f if k == "fewer" else run_t,
+                                                                            eager.get(k, model), labels, seed, chunk))
+                for k in rows}
         base = outs["baseline"]
         for name, imgs in outs.items():
             samples.setdefault(name, imgs[:40])
@@ -149,6 +218,32 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     grid = make_grid(torch.cat([samples[k][:20] for k in rows]), nrow=10, scale=3)
     grid.save(out_dir / f"{arch}_{solver}{steps}_grid{'' if set(rows) == set(ROWS) else '_' + '_'.join(rows[1:])}.png")
     return result
+
+
+def _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log, sampler_at) -> dict:
+    """Median trajectory times of the compiled models and the fewer-steps baseline
+    whose step count matches the measured speedup of caching."""
+    speed_labels = list(range(10)) * 2
+    med = _time(timed, run_t, speed_labels, repeats)
+    out = {"median_seconds": dict(med), "speedup": {}}
+    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss")):
+        if key in med:
+            out["speedup"][name] = med["plain"] / med[key]
+    if "bcc_ss" in med and "bcc" in med:
+        out["overhead"] = med["bcc_ss"] / med["bcc"] - 1
+    if "fewer" in rows:
+        # Fewer steps at the measured cost of caching (the per-block schedule's, when measured).
+        measured = out["speedup"].get("cached") or out["speedup"].get("cached_step")
+        fewer = max(1, round(steps / measured))
+        log(f"   measured {measured:.2f}x -> fewer-steps baseline at {fewer} steps")
+        run_f = sampler_at(fewer)
+        plain_f = torch.compile(plain._orig_mod, fullgraph=True, options=dict(bcc.config.DEFAULT_INDUCTOR_OPTIONS))
+        med_f = _time({"plain": plain, "fewer": plain_f}, lambda m, l, s: (run_t if m is plain else run_f)(m, l, s),
+                      speed_labels, repeats)
+        out["fewer_steps"] = fewer
+        out["speedup"]["fewer"] = med_f["plain"] / med_f["fewer"]
+        out["median_seconds"]["fewer"] = med_f["fewer"]
+    return out
 
 
 def merge_result(old: dict, new: dict) -> dict:
@@ -257,11 +352,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/quality")
     ap.add_argument("--ss-iterations", type=int, default=150, help="scale-shift training trajectories")
     ap.add_argument("--ss-kind", choices=["table", "linear"], default="table")
-    ap.add_argument("--ss-loss", choices=["output", "block"], default="output")
+    ap.add_argument("--ss-loss", choices=["output", "block", "final"], default="output")
     ap.add_argument("--ss-groups", type=int, default=1, help="2: a correction per guidance half")
     ap.add_argument("--ss-guided", action="store_true", help="train on the guided prediction u + w (c - u)")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="rows to measure (the baseline always runs); with --merge the others are kept")
+    ap.add_argument("--resume", metavar="DIR", default=None,
+                    help="keep each finished phase (schedules, scale-shift, timings, images per row and seed) "
+                         "under DIR and skip it when run again with the same parameters")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of OUT/quality.json for configurations this run does not measure")
     args = ap.parse_args(argv)
@@ -286,7 +384,7 @@ def main(argv=None) -> int:
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
                                     out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
                                     ss_kind=args.ss_kind, ss_loss=args.ss_loss, ss_groups=args.ss_groups,
-                                    ss_guided=args.ss_guided, rows=args.rows)
+                                    ss_guided=args.ss_guided, rows=args.rows, resume=args.resume)
         results.append(merge_result(old, new) if old is not None else new)
         results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
         floor = floors(args.n, args.seeds)

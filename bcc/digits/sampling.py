@@ -110,7 +110,6 @@ def initial_noise(
     return noise.to(device=device, dtype=dtype)
 
 
-@torch.no_grad()
 def sample(
     denoiser: torch.nn.Module,
     conditioner: torch.nn.Module,
@@ -123,6 +122,7 @@ def sample(
     seed: int | None = None,
     noise: torch.Tensor | None = None,
     callback: Any = None,
+    grad: bool = False,
 ) -> torch.Tensor:
     """Generate digits; returns float images (B, 1, 16, 16) clamped to [-1, 1].
 
@@ -134,7 +134,27 @@ def sample(
     ``guidance_scale``: classifier-free guidance weight w in
     ``eps_u + w (eps_c - eps_u)``; 1.0 disables guidance (conditional only).
     ``callback(i, t, x)`` is called after every step, if given.
+    ``grad=True`` keeps autograd on (the default samples under ``no_grad``): training that
+    back-propagates through the whole trajectory (``train_scale_shift(loss="final")``) needs it.
     """
+    with torch.set_grad_enabled(grad):
+        return _sample(denoiser, conditioner, scheduler, labels, num_steps=num_steps, guidance_scale=guidance_scale,
+                       generator=generator, seed=seed, noise=noise, callback=callback)
+
+
+def _sample(
+    denoiser: torch.nn.Module,
+    conditioner: torch.nn.Module,
+    scheduler: Any,
+    labels: Sequence[int] | torch.Tensor,
+    *,
+    num_steps: int = 50,
+    guidance_scale: float = 3.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    noise: torch.Tensor | None = None,
+    callback: Any = None,
+) -> torch.Tensor:
     device, dtype = _module_device_dtype(denoiser)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
     batch = labels.shape[0]
