@@ -115,9 +115,11 @@ def _calibrate_setup(args) -> tuple[Any, Callable, list, list, Any, float | None
     model, conditioner, train_scheduler = loader(args.model_dir)
     scheduler = digits.make_scheduler(args.scheduler or "ddim", train_scheduler)
 
+    grad = getattr(args, "loss", None) == "final"  # 'bcc train --loss final' back-propagates through it
+
     def sample(m, label, seed):  # guided sampling of per_class images of one label
-        digits.sample(m, conditioner, scheduler, [label] * per_class, num_steps=args.steps,
-                      guidance_scale=guidance, seed=seed)
+        return digits.sample(m, conditioner, scheduler, [label] * per_class, num_steps=args.steps,
+                             guidance_scale=guidance, seed=seed, grad=grad)
 
     meta.update(classes=classes, per_class=per_class, scheduler_kind=args.scheduler or "ddim")
     return model, sample, classes, seeds, scheduler, guidance, meta

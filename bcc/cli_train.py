@@ -27,8 +27,9 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
     t.add_argument("--iterations", type=int, default=150, metavar="N", help="trajectories per process (default 150)")
     t.add_argument("--kind", choices=("table", "linear"), default="table",
                    help="per-step table (default) or a linear layer on the timestep embedding")
-    t.add_argument("--loss", choices=("output", "block"), default="output",
-                   help="match the model output (default) or each reused block's value")
+    t.add_argument("--loss", choices=("output", "block", "final"), default="output",
+                   help="match the model output at each step (default), each reused block's value, or the "
+                        "final sample (back-propagated through the whole trajectory)")
     t.add_argument("--groups", type=int, choices=(1, 2), default=1,
                    help="2: a correction per guidance half [uncond; cond] (default 1: shared)")
     t.add_argument("--guided-loss", action="store_true",
