@@ -233,8 +233,9 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     if peers:
         from .peers_bench import bench_peers, compare_with_bcc
 
-        compiled_peers = w.trained if peers == "auto" else peers == "compiled"
-        result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers, sweep=peer_sweep, log=log)
+        compiled_peers = w.trained if peers == "auto" else peers in ("compiled", "compiled-only")
+        result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers,
+                                      eager=peers != "compiled-only", sweep=peer_sweep, log=log)
         result["peer_comparison"] = compare_with_bcc(result)
     return result
 
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager timings")
     ap.add_argument("--specialize", action="store_true",
                     help="also time strategy='specialize' (one compiled graph per distinct schedule row)")
-    ap.add_argument("--peers", choices=["none", "eager", "compiled", "auto"], default="none",
+    ap.add_argument("--peers", choices=["none", "eager", "compiled", "compiled-only", "auto"], default="none",
                     help="also time the peers (DeepCache on UNets, diffusers' cache hooks on DiTs); 'auto' "
                     "compiles them on the digits models only")
     ap.add_argument("--peer-sweep", choices=["full", "short"], default="full",

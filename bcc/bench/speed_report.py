@@ -99,7 +99,9 @@ def _peers_md(r: dict) -> list[str]:
         "Peers, timed in the same process, each alternating with the plain model on its backend. "
         "Compute fraction = FLOPs executed / full (the adapters count skipped modules); "
         "the last column is bcc compiled at equal fidelity (the fastest bcc schedule with at least the "
-        "peer's paired PSNR) on the trained models, at equal compute fraction (interpolated) otherwise.",
+        "peer's paired PSNR) on the trained models, at equal compute fraction (interpolated) otherwise. "
+        "Faster or slower compares speedups over the plain *compiled* model, i.e. time per trajectory: an "
+        "eager peer's speedup over the plain eager model is scaled by plain compiled / plain eager time.",
         "",
         "| method | setting | compute fraction | eager speedup | compiled speedup | graphs / breaks (compiled) "
         "| paired PSNR dB | bcc compiled at equal fidelity or fraction |",
@@ -112,7 +114,7 @@ def _peers_md(r: dict) -> list[str]:
             f"{'**faster**' if c['bcc_faster'] else 'slower'}")
         lines.append(
             f"| {row['method']} | {row['label']} | {_f(row.get('compute_fraction'), '.3f')} | "
-            f"{_f(row.get('eager_speedup'))}x | {_f(row.get('compiled_speedup'))}{'x' if row.get('compiled_speedup') else ''} | "
+            f"{_f(row.get('eager_speedup'))}{'x' if row.get('eager_speedup') else ''} | {_f(row.get('compiled_speedup'))}{'x' if row.get('compiled_speedup') else ''} | "
             f"{row.get('graphs', '—')} / {row.get('breaks', '—')} | {_f(row.get('psnr_db'), '.1f')} | {vs} |")
     if p.get("notes"):
         lines += ["", *[f"- {n}" for n in p["notes"]]]
