@@ -69,37 +69,18 @@ class PeerSetting:
         return "unet" if self.peer == "deepcache" else "dit"
 
 
-def peer_settings(family: str, sweep: str = "full") -> list[PeerSetting]:
+def peer_settings(family: str) -> list[PeerSetting]:
     """The sweep of each peer for ``family`` (``"unet"`` or ``"dit"``), mild to aggressive.
 
     Every peer's settings are listed from the one expected to skip least to the one
     expected to skip most, so each peer draws one speed-vs-fidelity curve.
-    ``sweep="short"`` keeps each peer's second-mildest and second-most-aggressive
-    settings (its middle, where the comparison with bcc is informative): for the big
-    configurations, where one eager trajectory takes a minute.
 
     Example:
         >>> [s.label for s in peer_settings("unet")][:2]
         ['DeepCache N=2 b=3', 'DeepCache N=3 b=3']
         >>> sorted({s.peer for s in peer_settings("dit")})
         ['fbc', 'magcache', 'pab', 'taylorseer']
-        >>> [s.label for s in peer_settings("dit", "short")][:3]
-        ['FBC t=0.08', 'FBC t=0.20', 'TaylorSeer N=3']
     """
-    if sweep not in ("full", "short"):
-        raise ValueError(f"sweep must be 'full' or 'short', got {sweep!r}")
-    full = _full_sweep(family)
-    if sweep == "full":
-        return full
-    out = []
-    for peer in dict.fromkeys(s.peer for s in full):
-        mine = [s for s in full if s.peer == peer]
-        picks = dict.fromkeys([mine[min(1, len(mine) - 1)].label, mine[max(len(mine) - 2, 0)].label])
-        out += [s for s in mine if s.label in picks]
-    return out
-
-
-def _full_sweep(family: str) -> list[PeerSetting]:
     if family == "unet":
         # Branch 3 caches below the second resolution level (keeps more), branch 0 keeps
         # only the outermost layers (DeepCache's default for SD1.5, skips the most).

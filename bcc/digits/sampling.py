@@ -138,63 +138,47 @@ def sample(
     back-propagates through the whole trajectory (``train_scale_shift(loss="final")``) needs it.
     """
     with torch.set_grad_enabled(grad):
-        return _sample(denoiser, conditioner, scheduler, labels, num_steps=num_steps, guidance_scale=guidance_scale,
-                       generator=generator, seed=seed, noise=noise, callback=callback)
+        device, dtype = _module_device_dtype(denoiser)
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+        batch = labels.shape[0]
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(int(seed if seed is not None else 0))
+        config = getattr(denoiser, "config", None)
+        image_size = int(getattr(config, "sample_size", 16) or 16) if config is not None else 16
+        channels = int(getattr(config, "in_channels", 1) or 1) if config is not None else 1
+        if noise is None:
+            x = initial_noise(batch, image_size=image_size, channels=channels, generator=generator, device=device,
+                              dtype=dtype)
+        else:
+            if noise.shape[0] != batch:
+                raise ValueError(f"noise has batch {noise.shape[0]} but {batch} labels were given")
+            x = noise.to(device=device, dtype=dtype).clone()
+        x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
 
-
-def _sample(
-    denoiser: torch.nn.Module,
-    conditioner: torch.nn.Module,
-    scheduler: Any,
-    labels: Sequence[int] | torch.Tensor,
-    *,
-    num_steps: int = 50,
-    guidance_scale: float = 3.0,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    noise: torch.Tensor | None = None,
-    callback: Any = None,
-) -> torch.Tensor:
-    device, dtype = _module_device_dtype(denoiser)
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
-    batch = labels.shape[0]
-    if generator is None:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed if seed is not None else 0))
-    config = getattr(denoiser, "config", None)
-    image_size = int(getattr(config, "sample_size", 16) or 16) if config is not None else 16
-    channels = int(getattr(config, "in_channels", 1) or 1) if config is not None else 1
-    if noise is None:
-        x = initial_noise(batch, image_size=image_size, channels=channels, generator=generator, device=device, dtype=dtype)
-    else:
-        if noise.shape[0] != batch:
-            raise ValueError(f"noise has batch {noise.shape[0]} but {batch} labels were given")
-        x = noise.to(device=device, dtype=dtype).clone()
-    x = x * float(getattr(scheduler, "init_noise_sigma", 1.0))
-
-    guided = float(guidance_scale) != 1.0
-    cond = conditioner(labels).to(dtype)
-    if guided:
-        null = torch.full_like(labels, int(getattr(conditioner, "null_label", 10)))
-        encoder_hidden_states = torch.cat([conditioner(null).to(dtype), cond], dim=0)
-    else:
-        encoder_hidden_states = cond
-
-    arch = denoiser_arch(denoiser)
-    scheduler.set_timesteps(num_steps, device=device)
-    step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
-    step_kwargs = {"generator": generator} if step_accepts_generator else {}
-
-    for i, t in enumerate(scheduler.timesteps):
-        x_in = torch.cat([x, x], dim=0) if guided else x
-        x_in = scheduler.scale_model_input(x_in, t)
-        eps = call_denoiser(denoiser, x_in, t, encoder_hidden_states, arch=arch)
+        guided = float(guidance_scale) != 1.0
+        cond = conditioner(labels).to(dtype)
         if guided:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x, return_dict=False, **step_kwargs)[0]
-        if callback is not None:
-            callback(i, t, x)
-    return x.float().clamp(-1.0, 1.0)
+            null = torch.full_like(labels, int(getattr(conditioner, "null_label", 10)))
+            encoder_hidden_states = torch.cat([conditioner(null).to(dtype), cond], dim=0)
+        else:
+            encoder_hidden_states = cond
+
+        arch = denoiser_arch(denoiser)
+        scheduler.set_timesteps(num_steps, device=device)
+        step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": generator} if step_accepts_generator else {}
+
+        for i, t in enumerate(scheduler.timesteps):
+            x_in = torch.cat([x, x], dim=0) if guided else x
+            x_in = scheduler.scale_model_input(x_in, t)
+            eps = call_denoiser(denoiser, x_in, t, encoder_hidden_states, arch=arch)
+            if guided:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            x = scheduler.step(eps, t, x, return_dict=False, **step_kwargs)[0]
+            if callback is not None:
+                callback(i, t, x)
+        return x.float().clamp(-1.0, 1.0)
 
 
 def make_grid(images: torch.Tensor | np.ndarray, nrow: int = 10, *, padding: int = 1, scale: int = 1, as_pil: bool = True):
