@@ -40,3 +40,40 @@ def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch)
     # Other parameters are another experiment: what was kept is dropped.
     state = quality._Resume(tmp_path / "partial", "unet_ddim3", {"n": 30})
     assert state.get("timing") is None and not list(kept.glob("*.pt")) and state.file("schedule.json") is None
+
+
+def test_combine_merges_runs_from_other_folders_row_by_row(tmp_path):
+    import json
+
+    import pytest
+
+    import bcc
+
+    floor = {"real_vs_real_2500": [0.61, 0.02]}
+
+    def write(name, results, commands):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quality.json").write_text(
+            json.dumps({"commands": commands, "threads": 1, "floors": floor, "results": results}))
+
+    def config(steps, rows):
+        return {"arch": "dit", "solver": "ddim", "steps": steps, "seed_to_seed_fd": [0.2, 0.3], "compute_fraction": 0.6,
+                "rows": {k: [{"fd_digits": v, "accuracy": 1.0, "precision": 1.0, "recall": 1.0,
+                              "paired_psnr_db": 40.0, "paired_ssim": 0.99, "paired_label_flip_rate": 0.0}]
+                         for k, v in rows.items()},
+                "speedup": {k: 1.3 for k in rows if k != "baseline"}}
+
+    write("main", [config(20, {"baseline": 6.0, "cached": 6.5, "cached_ss": 6.4})], ["first"])
+    write("core0", [config(20, {"baseline": 6.0, "cached_ss": 6.3})], ["second"])  # a re-run of one row
+    write("core1", [config(50, {"baseline": 5.0, "cached": 5.2})], ["third"])
+    (tmp_path / "core1" / "dit_ddim50_grid.png").write_bytes(b"png")
+    results = quality.combine(tmp_path / "main", [tmp_path / "core0", tmp_path / "core1"], log=lambda m: None)
+    assert [r["steps"] for r in results] == [20, 50]
+    assert {k: v[0]["fd_digits"] for k, v in results[0]["rows"].items()} == {
+        "baseline": 6.0, "cached": 6.5, "cached_ss": 6.3}  # the untouched row survives, the re-run one is replaced
+    stored = json.loads((tmp_path / "main" / "quality.json").read_text())
+    assert stored["commands"] == ["first", "second", "third"]
+    assert (tmp_path / "main" / "dit_ddim50_grid.png").read_bytes() == b"png"
+    assert "| dit | ddim-50 | cached (per-block schedule) | 50 | 5.20" in (tmp_path / "main" / "quality.md").read_text()
+    with pytest.raises(bcc.BccError, match="BCC601"):
+        quality.combine(tmp_path / "main", [tmp_path / "nowhere"])

@@ -254,6 +254,60 @@ def merge_result(old: dict, new: dict) -> dict:
     return out
 
 
+def combine(out_dir, sources, log=print) -> list:
+    """Merge the results of runs written to other folders (e.g. one per core) into ``out_dir``.
+
+    Each source's configurations replace those in ``out_dir/quality.json`` row by row (rows a
+    source did not measure are kept), its commands are appended, and its per-configuration
+    files (schedules, scale-shift, grids) are copied beside them. Returns the merged results.
+
+    >>> import tempfile, json, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for name, steps in (("a", 20), ("b", 50)):
+    ...     (d / name).mkdir()
+    ...     r = {"arch": "unet", "solver": "ddim", "steps": steps, "rows": {}, "speedup": {}, "seed_to_seed_fd": [0.2]}
+    ...     _ = (d / name / "quality.json").write_text(json.dumps({"commands": [name], "threads": 1, "results": [r],
+    ...                                                    "floors": {"real_vs_real_2500": [0.61, 0.02]}}))
+    ...     _ = (d / name / f"unet_ddim{steps}_schedule.json").write_text("{}")
+    >>> [r["steps"] for r in combine(d / "a", [d / "b"], log=lambda m: None)]
+    [20, 50]
+    >>> (d / "a" / "unet_ddim50_schedule.json").exists()
+    True
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    path = out_dir / "quality.json"
+    merged = json.loads(path.read_text()) if path.exists() else {"commands": [], "results": []}
+    results = merged["results"]
+    commands = merged.get("commands") or [merged["command"]]
+    for src in map(Path, sources):
+        if not (src / "quality.json").exists():
+            raise bcc.BccError(bcc.ErrorCode.FILE_INVALID, f"{src} has no quality.json; pass folders "
+                               "written by 'bcc bench quality --out DIR'.")
+        other = json.loads((src / "quality.json").read_text())
+        commands += [c for c in (other.get("commands") or [other["command"]]) if c not in commands]
+        for new in other["results"]:
+            key = (new["arch"], new["solver"], new["steps"])
+            old = next((r for r in results if (r["arch"], r["solver"], r["steps"]) == key), None)
+            results = [r for r in results if (r["arch"], r["solver"], r["steps"]) != key]
+            results.append(merge_result(old, new) if old is not None else new)
+            prefix = f"{new['arch']}_{new['solver']}{new['steps']}_"
+            for f in src.glob(prefix + "*"):
+                shutil.copy2(f, out_dir / f.name)
+            log(f"merged {key} from {src}")
+    results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
+    floor = merged.get("floors")
+    if floor is None:
+        floor = floors(None, [0, 1, 2])
+    threads = merged.get("threads", 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**merged, "commands": commands, "floors": floor, "results": results},
+                               indent=1, default=str))
+    (out_dir / "quality.md").write_text(markdown(results, floor, commands, threads))
+    return results
+
+
 def _agg(values):
     vals = [v for v in values if v is not None]
     if not vals:
@@ -362,9 +416,14 @@ def main(argv=None) -> int:
                          "under DIR and skip it when run again with the same parameters")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of OUT/quality.json for configurations this run does not measure")
+    ap.add_argument("--combine", nargs="+", metavar="DIR", default=None,
+                    help="measure nothing: merge the results in these --out folders into OUT")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
+    if args.combine:
+        combine(out_dir, args.combine)
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     blocks = "attention" if args.blocks == "attention" else ALL_BLOCKS
