@@ -21,7 +21,7 @@ from .analyze import ATTENTION, BlockSelector
 from .capture import Captured, capture, flatten_call, signature_of
 from .config import BccConfig
 from .errors import BccError, ErrorCode
-from .lower import Lowered, lower
+from .lower import Lowered, RowDispatch, lower
 from .passes import AnnotateBlocksPass
 from .profile import model_fingerprint
 from .passes.annotate_blocks import BLOCKS
@@ -122,6 +122,32 @@ class BccModule(torch.nn.Module):
     def bcc_graph(self) -> torch.fx.GraphModule | None:
         """The rewritten graph of the most recent input signature (for inspection)."""
         return None if self._bcc_current is None else self._bcc_current.lowered.gm
+
+    def bcc_stats(self) -> dict[str, int]:
+        """What the compiled model holds, summed over its input signatures:
+        ``signatures`` (one graph each, or one per distinct schedule row with
+        ``strategy="specialize"``), ``graphs`` (compiled so far) and ``cache_bytes``
+        (the cached block outputs, kept between steps).
+
+        Example:
+            >>> import bcc, torch
+            >>> class Net(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.block = torch.nn.Linear(2, 2)
+            ...     def forward(self, x, t):
+            ...         return self.block(x) * t
+            >>> m = bcc.compile(Net(), lambda names: bcc.Schedule.every(2, 3, names), blocks="block", backend="eager")
+            >>> m.bcc_stats()["graphs"]
+            0
+            >>> _ = m(torch.ones(1, 2), torch.tensor(0))
+            >>> s = m.bcc_stats(); (s["signatures"], s["graphs"], s["cache_bytes"])
+            (1, 1, 8)
+        """
+        graphs = sum(len(e.lowered.fn.variants) if isinstance(e.lowered.fn, RowDispatch) else 1
+                     for e in self._bcc_entries.values())
+        cache_bytes = sum(c.numel() * c.element_size() for e in self._bcc_entries.values() for c in e.caches)
+        return {"signatures": len(self._bcc_entries), "graphs": graphs, "cache_bytes": cache_bytes}
 
     def set_schedule(self, schedule: Schedule, scale_shift: ScaleShift | None = None) -> None:
         """Swap the schedule without recompiling (same blocks and step count).

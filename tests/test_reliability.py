@@ -143,7 +143,7 @@ def test_return_dict_and_omitted_kwargs_at_a_trajectory_start_are_new_captures()
     want = _reference(model, fast.bcc_schedule, inputs)
     _exact([o.sample for o in as_dict], want)
     _exact([o.sample for o in bare], want)
-    assert len(fast._bcc_entries) == 2  # one capture per call structure, each kept
+    assert fast.bcc_stats()["signatures"] == 2  # one capture per call structure, each kept
 
 
 def test_missing_required_input_is_a_capture_error():
@@ -308,7 +308,7 @@ def test_replaced_parameter_or_module_is_recaptured_at_the_next_trajectory():
     proj.weight = torch.nn.Parameter(proj.weight.detach() * 3)  # a new object, not an update
     model.proj_out = torch.nn.Linear(model.proj_out.in_features, model.proj_out.out_features)
     _exact(run(fast, inputs), _reference(model, schedule, inputs))
-    assert len(fast._bcc_entries) == 1  # the stale capture is gone, not kept beside
+    assert fast.bcc_stats()["signatures"] == 1  # the stale capture is gone, not kept beside
 
 
 # -- state isolation -----------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_200_guided_generations_have_flat_memory():
     # leave room for allocator noise and nothing per call.
     assert _live_tensors() - tensors < 50
     assert _rss_bytes() - rss < 64 * 2**20
-    assert len(fast._bcc_entries) == 1 and fast.bcc_step == 0
+    assert fast.bcc_stats()["signatures"] == 1 and fast.bcc_step == 0
     torch.testing.assert_close(generate(0), first, rtol=0, atol=0)
 
 

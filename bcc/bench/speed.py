@@ -195,7 +195,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
         for s in sched.values():
             spec.set_schedule(s)
             w.run(spec)
-        rows = len(spec._bcc_current.lowered.fn.variants)
+        rows = spec.bcc_stats()["graphs"]
         comp["specialize"] = {"all_rows_s": time.perf_counter() - t0, "graphs": rows}
         log(f"   specialize: {rows} distinct rows compiled in {comp['specialize']['all_rows_s']:.1f}s")
         variants.update({f"spec[{k}]": (spec, setter(spec, s)) for k, s in sched.items()})
@@ -216,8 +216,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
         with _PeakRss() as m:
             w.run(fn)
         mem[key] = {"peak_rss_delta_mb": (m.peak - m.base) / 2**20, "peak_rss_mb": m.peak / 2**20}
-    entry = bcc_c._bcc_current
-    result["cache_mb"] = sum(c.numel() * c.element_size() for c in entry.caches) / 2**20 if entry else None
+    result["cache_mb"] = bcc_c.bcc_stats()["cache_bytes"] / 2**20
     result["memory"] = mem
     result["schedules"] = {k: {"threshold": s.meta.get("threshold"), "mask": s.mask.int().tolist()}
                            for k, s in sched.items()}
