@@ -42,6 +42,55 @@ def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch)
     assert state.get("timing") is None and not list(kept.glob("*.pt")) and state.file("schedule.json") is None
 
 
+def test_new_scale_shift_parameters_redo_only_the_scale_shift_row(tmp_path, monkeypatch):
+    calls = {"generate": 0, "time": [], "train": 0}
+    generate, train = quality._generate, quality.bcc.train_scale_shift
+
+    def counting_generate(*args, **kwargs):
+        calls["generate"] += 1
+        return generate(*args, **kwargs)
+
+    def counting_train(*args, **kwargs):
+        calls["train"] += 1
+        return train(*args, **kwargs)
+
+    def fake_time(models, run, labels, repeats):
+        calls["time"].append(sorted(models))
+        return {k: {"plain": 1.5, "bcc": 1.0, "bcc_ss": 1.1}.get(k, 1.2) for k in models}
+
+    monkeypatch.setattr(quality, "_generate", counting_generate)
+    monkeypatch.setattr(quality, "_time", fake_time)
+    monkeypatch.setattr(quality.bcc, "train_scale_shift", counting_train)
+    (tmp_path / "out").mkdir()
+    kw = dict(n=10, seeds=[0, 1], budget=0.7, blocks=quality.ALL_BLOCKS, guidance=3.0, chunk=10, repeats=1,
+              out_dir=tmp_path / "out", log=lambda msg: None, rows=("baseline", "cached", "cached_ss"),
+              resume=tmp_path / "partial", ss_iterations=2)
+    first = quality.bench_config("unet", "ddim", 3, **kw)
+    assert calls["generate"] == 6 and calls["train"] == 1 and len(calls["time"]) == 1
+    kept = tmp_path / "partial" / "unet_ddim3"
+    baseline_before = torch.load(kept / "baseline_seed0.pt")
+    second = quality.bench_config("unet", "ddim", 3, **kw, ss_lr=1e-3)
+    # Retrained and re-sampled for the scale-shift row only (two seeds), timed against the same models.
+    assert calls["generate"] == 8 and calls["train"] == 2
+    assert calls["time"][1] == ["bcc", "bcc_ss", "plain"]
+    assert torch.equal(torch.load(kept / "baseline_seed0.pt"), baseline_before)
+    assert second["rows"]["cached"] == first["rows"]["cached"] and second["scale_shift"]["lr"] == 1e-3
+    assert second["speedup"] == {"cached": 1.5, "cached_ss": 1.5 / 1.1}
+
+
+def test_resume_state_from_before_scale_shift_had_its_own_key_is_kept(tmp_path):
+    import json
+
+    d = tmp_path / "unet_ddim50"
+    d.mkdir()
+    (d / "baseline_seed0.pt").write_bytes(b"x")
+    (d / "state.json").write_text(json.dumps({"params": {"n": 10, "ss": [150, "table", "final", 1, False]},
+                                              "timing": {"speedup": {"cached": 1.3}}}))
+    ss = {"iterations": 150, "kind": "table", "loss": "final", "groups": 1, "guided": False, "lr": 5e-3}
+    state = quality._Resume(tmp_path, "unet_ddim50", {"n": 10}, ss)
+    assert state.file("baseline_seed0.pt") is not None and state.get("timing") == {"speedup": {"cached": 1.3}}
+
+
 def test_combine_merges_runs_from_other_folders_row_by_row(tmp_path):
     import json
 

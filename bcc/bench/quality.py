@@ -67,7 +67,7 @@ class _Resume:
     parameters. Other parameters start the configuration over.
     """
 
-    def __init__(self, root: str | Path | None, key: str, params: dict):
+    def __init__(self, root: str | Path | None, key: str, params: dict, ss_params: dict | None = None):
         self.dir = None if root is None else Path(root) / key
         self.state: dict = {}
         if self.dir is None:
@@ -75,10 +75,25 @@ class _Resume:
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self.dir / "state.json"
         old = json.loads(state.read_text()) if state.exists() else {}
+        if isinstance(old.get("params", {}).get("ss"), list):  # written before scale-shift had its own key
+            it, kind, loss, groups, guided = old["params"].pop("ss")
+            old["ss_params"] = {"iterations": it, "kind": kind, "loss": loss, "groups": groups, "guided": guided,
+                                "lr": 5e-3}
         if old.get("params") != params:
             for f in self.dir.iterdir():
                 f.unlink()
             old = {"params": params}
+        elif old.get("ss_params") != ss_params:
+            # Only the scale-shift row depends on these: the schedules, the other rows'
+            # images and their timings stay.
+            for f in [self.dir / "scale_shift.safetensors", *self.dir.glob("cached_ss_seed*.pt")]:
+                f.unlink(missing_ok=True)
+            old.pop("scale_shift", None)
+            timing = old.get("timing") or {}
+            timing.get("speedup", {}).pop("cached_ss", None)
+            timing.get("median_seconds", {}).pop("bcc_ss", None)
+            timing.pop("overhead", None)
+        old["ss_params"] = ss_params
         self.state = old
         self._write()
 
@@ -113,15 +128,16 @@ class _Resume:
 
 
 def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log,
-                 ss_iterations=150, ss_kind="table", ss_loss="output", ss_groups=1, ss_guided=False, rows=ROWS,
-                 resume=None):
+                 ss_iterations=150, ss_kind="table", ss_loss="output", ss_groups=1, ss_guided=False, ss_lr=5e-3,
+                 rows=ROWS, resume=None):
     """One configuration of the table; ``rows`` picks which rows to measure (the
     baseline always runs: every paired metric is against it). ``resume``: a folder
     where finished phases are kept, so an interrupted run continues (see ``_Resume``)."""
     rows = ("baseline",) + tuple(r for r in rows if r != "baseline")
     res = _Resume(resume, f"{arch}_{solver}{steps}", {
         "n": n, "seeds": list(seeds), "budget": budget, "blocks": blocks, "guidance": guidance, "chunk": chunk,
-        "repeats": repeats, "ss": [ss_iterations, ss_kind, ss_loss, ss_groups, ss_guided]})
+        "repeats": repeats}, {"iterations": ss_iterations, "kind": ss_kind, "loss": ss_loss, "groups": ss_groups,
+                              "guided": ss_guided, "lr": ss_lr})
     model, conditioner, train_sched = load_digits_model(default_model_dir(arch))
     if arch == "dit":
         blocks = "attention"  # every transformer block: nearly all of a DiT's FLOPs
@@ -169,11 +185,11 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
             ss = bcc.train_scale_shift(model, schedule,
                                        lambda m, label, seed: run_t(m, [label] * 8, seed, grad=ss_loss == "final"),
                                        list(range(10)), iterations=ss_iterations, kind=ss_kind, loss=ss_loss,
-                                       seed=5000, progress=False, groups=ss_groups,
+                                       lr=ss_lr, seed=5000, progress=False, groups=ss_groups,
                                        guidance_scale=guidance if ss_guided else None)
             result["scale_shift"] = {
                 "kind": ss_kind, "loss": ss_loss, "groups": ss_groups, "guided_loss": ss_guided,
-                "iterations": ss_iterations, "train_seconds": time.perf_counter() - t0,
+                "iterations": ss_iterations, "lr": ss_lr, "train_seconds": time.perf_counter() - t0,
                 "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{ss_loss}"],
                 "loss_last10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[-10:])}
             if res.dir is not None:
@@ -186,6 +202,15 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     if timing is None:
         timing = _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log,
                                 lambda k: _sampler(model, conditioner, make_scheduler(solver, train_sched), k, guidance))
+        res.put("timing", timing)
+    elif "cached_ss" in rows and "cached_ss" not in timing["speedup"]:
+        # New scale-shift parameters on a resumed run: time it against the same two models
+        # again; the other rows' timings (and the fewer-steps count) are kept.
+        timed.setdefault("bcc", bcc.compile(model, schedule))
+        med = _time({k: timed[k] for k in ("plain", "bcc", "bcc_ss")}, run_t, list(range(10)) * 2, repeats)
+        timing["speedup"]["cached_ss"] = med["plain"] / med["bcc_ss"]
+        timing["median_seconds"]["bcc_ss"] = med["bcc_ss"]
+        timing["overhead"] = med["bcc_ss"] / med["bcc"] - 1
         res.put("timing", timing)
     result["median_seconds"].update(timing["median_seconds"])
     result["speedup"].update(timing["speedup"])
@@ -383,6 +408,7 @@ def markdown(results, floor, commands, threads=None):
             continue
         how = (" on the guided prediction" if t.get("guided_loss") else "") + (
             f", a correction per guidance half" if t.get("groups", 1) == 2 else "")
+        how += f", lr {t['lr']:g}" if t.get("lr", 5e-3) != 5e-3 else ""
         lines.append(f"  Scale-shift: {t['kind']} form, {t['loss']} loss{how}, {t['iterations']} trajectories, "
                      f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
                      f"loss {t['loss_first']:.2e} -> {t['loss_last10']:.2e} (last 10); "
@@ -409,6 +435,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ss-loss", choices=["output", "block", "final"], default="output")
     ap.add_argument("--ss-groups", type=int, default=1, help="2: a correction per guidance half")
     ap.add_argument("--ss-guided", action="store_true", help="train on the guided prediction u + w (c - u)")
+    ap.add_argument("--ss-lr", type=float, default=5e-3, help="scale-shift learning rate (Adam)")
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                     help="rows to measure (the baseline always runs); with --merge the others are kept")
     ap.add_argument("--resume", metavar="DIR", default=None,
@@ -443,7 +470,8 @@ def main(argv=None) -> int:
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
                                     out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
                                     ss_kind=args.ss_kind, ss_loss=args.ss_loss, ss_groups=args.ss_groups,
-                                    ss_guided=args.ss_guided, rows=args.rows, resume=args.resume)
+                                    ss_guided=args.ss_guided, ss_lr=args.ss_lr, rows=args.rows,
+                                    resume=args.resume)
         results.append(merge_result(old, new) if old is not None else new)
         results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
         floor = floors(args.n, args.seeds)
