@@ -34,7 +34,7 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="2: a correction per guidance half [uncond; cond] (default 1: shared)")
     t.add_argument("--guided-loss", action="store_true",
                    help="compare guided predictions u + w (c - u) (w = --guidance) instead of raw outputs")
-    t.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    t.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3; use about 1e-3 for 50-step trajectories)")
     t.add_argument("--mode", choices=("residual", "output"), default="residual", help="cache mode you compile with")
     t.add_argument("--seed", type=int, default=0, help="first noise seed (default 0)")
     t.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="write --out every N iterations")
