@@ -413,6 +413,8 @@ def markdown(results, floor, commands, threads=None):
                      f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
                      f"loss {t['loss_first']:.2e} -> {t['loss_last10']:.2e} (last 10); "
                      f"time per trajectory vs naive caching {t.get('overhead', float('nan')):+.1%}.")
+        if t.get("note"):
+            lines.append(f"  Note: {t['note']}")
     return "\n".join(lines) + "\n"
 
 
