@@ -124,10 +124,10 @@ class BccModule(torch.nn.Module):
         return None if self._bcc_current is None else self._bcc_current.lowered.gm
 
     def bcc_stats(self) -> dict[str, int]:
-        """What the compiled model holds, summed over its input signatures:
-        ``signatures`` (one graph each, or one per distinct schedule row with
-        ``strategy="specialize"``), ``graphs`` (compiled so far) and ``cache_bytes``
-        (the cached block outputs, kept between steps).
+        """What the compiled model holds: ``signatures`` (input signatures captured),
+        ``graphs`` (compiled so far: one per signature, or one per distinct schedule row
+        with ``strategy="specialize"``) and ``cache_bytes`` (the cached block outputs,
+        kept between steps).
 
         Example:
             >>> import bcc, torch

@@ -4,25 +4,27 @@ import torch
 from bcc.bench import quality
 
 
+def _count(monkeypatch, calls, owner, name, key):
+    """Replace ``owner.name`` with a wrapper that counts its calls in ``calls[key]``."""
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls[key] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+
+
 def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     calls = {"generate": 0, "time": 0, "calibrate": 0}
-    generate, calibrate = quality._generate, quality.bcc.calibrate
-
-    def counting_calibrate(*args, **kwargs):
-        calls["calibrate"] += 1
-        return calibrate(*args, **kwargs)
-
-    def counting_generate(*args, **kwargs):
-        calls["generate"] += 1
-        return generate(*args, **kwargs)
 
     def fake_time(models, run, labels, repeats):  # timing is not under test: no compiles
         calls["time"] += 1
         return {k: 1.5 if k == "plain" else 1.0 for k in models}
 
-    monkeypatch.setattr(quality, "_generate", counting_generate)
+    _count(monkeypatch, calls, quality, "_generate", "generate")
+    _count(monkeypatch, calls, quality.bcc, "calibrate", "calibrate")
     monkeypatch.setattr(quality, "_time", fake_time)
-    monkeypatch.setattr(quality.bcc, "calibrate", counting_calibrate)
     (tmp_path / "out").mkdir()
     kw = dict(n=10, seeds=[0, 1], budget=0.7, blocks=quality.ALL_BLOCKS, guidance=3.0, chunk=10, repeats=1,
               out_dir=tmp_path / "out", log=lambda msg: None, rows=("baseline", "fewer", "cached"),
@@ -44,23 +46,14 @@ def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch)
 
 def test_new_scale_shift_parameters_redo_only_the_scale_shift_row(tmp_path, monkeypatch):
     calls = {"generate": 0, "time": [], "train": 0}
-    generate, train = quality._generate, quality.bcc.train_scale_shift
-
-    def counting_generate(*args, **kwargs):
-        calls["generate"] += 1
-        return generate(*args, **kwargs)
-
-    def counting_train(*args, **kwargs):
-        calls["train"] += 1
-        return train(*args, **kwargs)
 
     def fake_time(models, run, labels, repeats):
         calls["time"].append(sorted(models))
         return {k: {"plain": 1.5, "bcc": 1.0, "bcc_ss": 1.1}.get(k, 1.2) for k in models}
 
-    monkeypatch.setattr(quality, "_generate", counting_generate)
+    _count(monkeypatch, calls, quality, "_generate", "generate")
+    _count(monkeypatch, calls, quality.bcc, "train_scale_shift", "train")
     monkeypatch.setattr(quality, "_time", fake_time)
-    monkeypatch.setattr(quality.bcc, "train_scale_shift", counting_train)
     (tmp_path / "out").mkdir()
     kw = dict(n=10, seeds=[0, 1], budget=0.7, blocks=quality.ALL_BLOCKS, guidance=3.0, chunk=10, repeats=1,
               out_dir=tmp_path / "out", log=lambda msg: None, rows=("baseline", "cached", "cached_ss"),

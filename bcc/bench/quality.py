@@ -91,7 +91,8 @@ class _Resume:
             old.pop("scale_shift", None)
             timing = old.get("timing") or {}
             timing.get("speedup", {}).pop("cached_ss", None)
-            timing.get("median_seconds", {}).pop("bcc_ss", None)
+            for k in ("bcc_ss", "plain_ss_run", "bcc_ss_run"):
+                timing.get("median_seconds", {}).pop(k, None)
             timing.pop("overhead", None)
         old["ss_params"] = ss_params
         self.state = old
@@ -279,6 +280,26 @@ def merge_result(old: dict, new: dict) -> dict:
     return out
 
 
+def _commands(report: dict) -> list:
+    return report.get("commands") or ([report["command"]] if "command" in report else [])
+
+
+def _upsert(results: list, new: dict) -> list:
+    """``results`` with ``new``'s configuration merged in row by row, in table order."""
+    key = (new["arch"], new["solver"], new["steps"])
+    old = next((r for r in results if (r["arch"], r["solver"], r["steps"]) == key), None)
+    out = [r for r in results if (r["arch"], r["solver"], r["steps"]) != key]
+    out.append(merge_result(old, new) if old is not None else new)
+    return sorted(out, key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
+
+
+def _write_report(out_dir: Path, report: dict) -> str:
+    md = markdown(report["results"], report["floors"], report["commands"], report.get("threads"))
+    (out_dir / "quality.json").write_text(json.dumps(report, indent=1, default=str))
+    (out_dir / "quality.md").write_text(md)
+    return md
+
+
 def combine(out_dir, sources, log=print) -> list:
     """Merge the results of runs written to other folders (e.g. one per core) into ``out_dir``.
 
@@ -303,33 +324,23 @@ def combine(out_dir, sources, log=print) -> list:
 
     out_dir = Path(out_dir)
     path = out_dir / "quality.json"
-    merged = json.loads(path.read_text()) if path.exists() else {"commands": [], "results": []}
-    results = merged["results"]
-    commands = merged.get("commands") or [merged["command"]]
+    merged = json.loads(path.read_text()) if path.exists() else {"results": []}
+    results, commands = merged["results"], _commands(merged)
     for src in map(Path, sources):
         if not (src / "quality.json").exists():
             raise bcc.BccError(bcc.ErrorCode.FILE_INVALID, f"{src} has no quality.json; pass folders "
                                "written by 'bcc bench quality --out DIR'.")
         other = json.loads((src / "quality.json").read_text())
-        commands += [c for c in (other.get("commands") or [other["command"]]) if c not in commands]
+        commands += [c for c in _commands(other) if c not in commands]
         for new in other["results"]:
-            key = (new["arch"], new["solver"], new["steps"])
-            old = next((r for r in results if (r["arch"], r["solver"], r["steps"]) == key), None)
-            results = [r for r in results if (r["arch"], r["solver"], r["steps"]) != key]
-            results.append(merge_result(old, new) if old is not None else new)
-            prefix = f"{new['arch']}_{new['solver']}{new['steps']}_"
-            for f in src.glob(prefix + "*"):
+            results = _upsert(results, new)
+            for f in src.glob(f"{new['arch']}_{new['solver']}{new['steps']}_*"):
                 shutil.copy2(f, out_dir / f.name)
-            log(f"merged {key} from {src}")
-    results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
-    floor = merged.get("floors")
-    if floor is None:
-        floor = floors(None, [0, 1, 2])
-    threads = merged.get("threads", 1)
+            log(f"merged {new['arch']} {new['solver']}-{new['steps']} from {src}")
+        merged.setdefault("floors", other.get("floors"))
+        merged.setdefault("threads", other.get("threads"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**merged, "commands": commands, "floors": floor, "results": results},
-                               indent=1, default=str))
-    (out_dir / "quality.md").write_text(markdown(results, floor, commands, threads))
+    _write_report(out_dir, {**merged, "commands": commands, "results": results})
     return results
 
 
@@ -340,7 +351,7 @@ def _agg(values):
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def floors(n, seeds):
+def floors(seeds):
     real, _ = load_digits("all")
     g = torch.Generator().manual_seed(0)
     fds = []
@@ -459,29 +470,20 @@ def main(argv=None) -> int:
     results, commands = [], []
     if args.merge and (out_dir / "quality.json").exists():
         old = json.loads((out_dir / "quality.json").read_text())
-        commands = old.get("commands") or [old["command"]]
-        results = old["results"]
+        commands, results = _commands(old), old["results"]
     command = "python -m bcc.bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     commands = commands + [command]
     for arch, cfg in [(a, c) for c in args.configs for a in args.arch]:
         solver, steps = cfg.split("-")
-        key = (arch, solver, int(steps))
-        old = next((r for r in results if (r["arch"], r["solver"], r["steps"]) == key), None)
-        results = [r for r in results if (r["arch"], r["solver"], r["steps"]) != key]
         new = bench_config(arch, solver, int(steps), n=args.n, seeds=args.seeds, budget=args.budget,
                                     blocks=blocks, guidance=args.guidance, chunk=args.chunk, repeats=args.repeats,
                                     out_dir=out_dir, log=log, ss_iterations=args.ss_iterations,
                                     ss_kind=args.ss_kind, ss_loss=args.ss_loss, ss_groups=args.ss_groups,
                                     ss_guided=args.ss_guided, ss_lr=args.ss_lr, rows=args.rows,
                                     resume=args.resume)
-        results.append(merge_result(old, new) if old is not None else new)
-        results.sort(key=lambda r: (r["steps"], r["solver"] != "ddim", r["arch"] != "unet"))
-        floor = floors(args.n, args.seeds)
-        (out_dir / "quality.json").write_text(json.dumps(
-            {"command": command, "commands": commands, "threads": args.threads, "floors": floor, "results": results},
-            indent=1, default=str))
-        (out_dir / "quality.md").write_text(markdown(results, floor, commands, args.threads))
-        log(markdown(results, floor, commands, args.threads))
+        results = _upsert(results, new)
+        log(_write_report(out_dir, {"command": command, "commands": commands, "threads": args.threads,
+                                    "floors": floors(args.seeds), "results": results}))
     return 0
 
 
