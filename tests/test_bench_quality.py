@@ -68,6 +68,7 @@ def test_new_scale_shift_parameters_redo_only_the_scale_shift_row(tmp_path, monk
     assert calls["time"][1] == ["bcc", "bcc_ss", "plain"]
     assert torch.equal(torch.load(kept / "baseline_seed0.pt"), baseline_before)
     assert second["rows"]["cached"] == first["rows"]["cached"] and second["scale_shift"]["lr"] == 1e-3
+    assert "loss_first10" in second["scale_shift"]
     assert second["speedup"] == {"cached": 1.5, "cached_ss": 1.5 / 1.1}
 
 
@@ -119,3 +120,12 @@ def test_combine_merges_runs_from_other_folders_row_by_row(tmp_path):
     assert "| dit | ddim-50 | cached (per-block schedule) | 50 | 5.20" in (tmp_path / "main" / "quality.md").read_text()
     with pytest.raises(bcc.BccError, match="BCC601"):
         quality.combine(tmp_path / "main", [tmp_path / "nowhere"])
+
+
+def test_scale_shift_loss_trend_compares_means_and_labels_old_rows():
+    # One training trajectory's loss depends on its fresh noise and label; new rows compare
+    # means of 10, rows kept from before say their first value is a single trajectory.
+    new = {"loss_first": 9.0, "loss_first10": 2e-3, "loss_last10": 1e-3}
+    assert quality._loss_trend(new) == "training loss 2.00e-03 -> 1.00e-03 (mean of first and last 10)"
+    old = quality._loss_trend({"loss_first": 4.9e-3, "loss_last10": 5.3e-3})
+    assert old.startswith("training loss 4.90e-03 (first trajectory) -> 5.30e-03") and "not a held-out" in old
