@@ -129,3 +129,39 @@ def test_scale_shift_loss_trend_compares_means_and_labels_old_rows():
     assert quality._loss_trend(new) == "training loss 2.00e-03 -> 1.00e-03 (mean of first and last 10)"
     old = quality._loss_trend({"loss_first": 4.9e-3, "loss_last10": 5.3e-3})
     assert old.startswith("training loss 4.90e-03 (first trajectory) -> 5.30e-03") and "not a held-out" in old
+
+
+def test_combine_takes_only_a_separately_timed_scale_shift_row(tmp_path):
+    import json
+
+    def metrics(fd):
+        return {"fd_digits": fd, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "paired_psnr_db": 30.0,
+                "paired_ssim": 0.9, "paired_label_flip_rate": 0.0}
+
+    def scale_shift(loss):
+        return {"kind": "table", "loss": loss, "iterations": 150, "parameters": 10, "train_seconds": 60.0,
+                "loss_first": 1e-3, "loss_last10": 1e-3, "overhead": 0.01}
+
+    def write(name, rows, speedup, med, ss):
+        (tmp_path / name).mkdir()
+        r = {"arch": "unet", "solver": "dpm", "steps": 20, "seed_to_seed_fd": [0.2], "compute_fraction": 0.667,
+             "fewer_steps": 16,
+             "rows": {k: [metrics(v)] for k, v in rows.items()}, "speedup": speedup,
+             "median_seconds": med, "scale_shift": ss}
+        (tmp_path / name / "quality.json").write_text(json.dumps(
+            {"commands": [name], "threads": 1, "floors": {"real_vs_real_2500": [0.61, 0.02]}, "results": [r]}))
+
+    write("main", {"baseline": 2.5, "fewer": 2.6, "cached": 4.0, "cached_ss": 3.7},
+          {"fewer": 1.24, "cached": 1.28, "cached_ss": 1.24}, {"plain": 1.3, "bcc": 1.0, "bcc_ss": 1.05, "fewer": 1.1},
+          scale_shift("output"))
+    write("rerun", {"baseline": 2.5, "cached": 4.0, "cached_ss": 3.3},
+          {"cached": 1.36, "cached_ss": 1.35}, {"plain": 1.4, "bcc": 1.03, "bcc_ss": 1.04}, scale_shift("final"))
+    [r] = quality.combine(tmp_path / "main", [tmp_path / "rerun"], log=lambda m: None, rows=["cached_ss"],
+                          note="final loss")
+    # The naive row and its timing stay the main run's; the rerun's plain and naive medians are kept apart.
+    assert r["rows"]["cached"] == [metrics(4.0)] and r["rows"]["cached_ss"] == [metrics(3.3)]
+    assert r["speedup"] == {"fewer": 1.24, "cached": 1.28, "cached_ss": 1.35}
+    assert r["median_seconds"] == {"plain": 1.3, "bcc": 1.0, "bcc_ss": 1.04, "fewer": 1.1,
+                                   "plain_ss_run": 1.4, "bcc_ss_run": 1.03}
+    assert r["scale_shift"]["loss"] == "final" and "`rerun`" in r["scale_shift"]["note"]
+    assert "1.36x" in r["scale_shift"]["note"] and r["scale_shift"]["note"].endswith("final loss")

@@ -301,12 +301,37 @@ def _write_report(out_dir: Path, report: dict) -> str:
     return md
 
 
-def combine(out_dir, sources, log=print) -> list:
+_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer"}
+
+
+def _only_rows(new: dict, rows, source: str, note: str | None) -> dict:
+    """``new`` cut to ``rows``, for a re-run of some rows in a separate run.
+
+    Its speedups are against that run's plain model; when the scale-shift row comes without
+    the naive row it was timed against, that run's plain and naive medians are kept apart
+    (``plain_ss_run``, ``bcc_ss_run``) and the row's note says where it came from."""
+    out = {**new, "rows": {k: v for k, v in new["rows"].items() if k in rows},
+           "speedup": {k: v for k, v in new.get("speedup", {}).items() if k in rows}}
+    med = new.get("median_seconds", {})
+    out["median_seconds"] = {_MEDIAN_KEY[k]: med[_MEDIAN_KEY[k]] for k in rows if _MEDIAN_KEY.get(k) in med}
+    if "cached_ss" in rows and "cached" not in rows and "bcc_ss" in med:
+        out["median_seconds"].update(plain_ss_run=med.get("plain_ss_run", med["plain"]),
+                                     bcc_ss_run=med.get("bcc_ss_run", med["bcc"]))
+        naive = new["speedup"]["cached"]
+        out["scale_shift"] = {**new["scale_shift"], "note": "; ".join(filter(None, [
+            f"cached + scale-shift row from a separate run ({source}); its speedup and overhead are against "
+            f"that run's plain and naive-cached models (naive there: {naive:.2f}x)", note]))}
+    return out
+
+
+def combine(out_dir, sources, log=print, rows=None, note=None) -> list:
     """Merge the results of runs written to other folders (e.g. one per core) into ``out_dir``.
 
     Each source's configurations replace those in ``out_dir/quality.json`` row by row (rows a
     source did not measure are kept), its commands are appended, and its per-configuration
-    files (schedules, scale-shift, grids) are copied beside them. Returns the merged results.
+    files (schedules, scale-shift, grids) are copied beside them. ``rows`` takes only those
+    rows from the sources (e.g. a scale-shift row retrained in a separate run; ``note`` is
+    added to its description). Returns the merged results.
 
     >>> import tempfile, json, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -334,6 +359,8 @@ def combine(out_dir, sources, log=print) -> list:
         other = json.loads((src / "quality.json").read_text())
         commands += [c for c in _commands(other) if c not in commands]
         for new in other["results"]:
+            if rows is not None:
+                new = _only_rows(new, rows, "; ".join(f"`{c}`" for c in _commands(other)), note)
             results = _upsert(results, new)
             for f in src.glob(f"{new['arch']}_{new['solver']}{new['steps']}_*"):
                 shutil.copy2(f, out_dir / f.name)
@@ -469,11 +496,14 @@ def main(argv=None) -> int:
                     help="keep the rows of OUT/quality.json for configurations this run does not measure")
     ap.add_argument("--combine", nargs="+", metavar="DIR", default=None,
                     help="measure nothing: merge the results in these --out folders into OUT")
+    ap.add_argument("--combine-rows", nargs="+", choices=ROWS, default=None,
+                    help="with --combine: take only these rows from the folders (the others are kept)")
+    ap.add_argument("--note", default=None, help="with --combine-rows cached_ss: added to the row's note")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     if args.combine:
-        combine(out_dir, args.combine)
+        combine(out_dir, args.combine, rows=args.combine_rows, note=args.note)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
