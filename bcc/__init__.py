@@ -4,18 +4,17 @@
 recomputes or reuses its output from an earlier step, as a step-indexed branch on a
 schedule tensor inside one compiled graph.
 """
-from .api import compile, find_blocks
-from .backend import _register as _register_backend
-from .calibrate import calibrate
-from .config import BccConfig
-from .distill import train_scale_shift
-from .errors import BccError, BccInternalError, ErrorCode
-# After .backend: binds the name bcc.export to the function, not the submodule.
-from .export import ExportedDenoiser, export, load_exported, save_exported
-from .profile import ChangeProfile
-from .runtime import BccModule
-from .scale_shift import ScaleShift
-from .schedule import Schedule
+from bcc.api import compile, find_blocks
+from bcc.lower.backend import _register as _register_backend
+from bcc.plan.calibrate import calibrate
+from bcc.config import BccConfig
+from bcc.scale_shift.train import train_scale_shift
+from bcc.errors import BccError, BccInternalError, ErrorCode
+from bcc.lower.export import ExportedDenoiser, export, load_exported, save_exported
+from bcc.plan.profile import ChangeProfile
+from bcc.runtime.module import BccModule
+from bcc.scale_shift.params import ScaleShift
+from bcc.plan.schedule import Schedule
 
 __all__ = [
     "compile",

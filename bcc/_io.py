@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import BccError, ErrorCode
+from bcc.errors import BccError, ErrorCode
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

@@ -6,15 +6,15 @@ from typing import Any, Callable
 
 import torch
 
-from .analyze import ATTENTION, BlockSelector
-from .capture import capture
-from .config import BccConfig
-from .errors import BccError, ErrorCode
-from .passes import AnnotateBlocksPass
-from .passes.annotate_blocks import BLOCKS
-from .runtime import BccModule
-from .scale_shift import ScaleShift
-from .schedule import Schedule
+from bcc.analyze.blocks import ATTENTION, BlockSelector
+from bcc.capture.graph import capture
+from bcc.config import BccConfig
+from bcc.errors import BccError, ErrorCode
+from bcc.passes import AnnotateBlocksPass
+from bcc.passes.annotate_blocks import BLOCKS
+from bcc.runtime.module import BccModule
+from bcc.scale_shift.params import ScaleShift
+from bcc.plan.schedule import Schedule
 
 __all__ = ["compile", "find_blocks"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-from .errors import BccError, ErrorCode
+from bcc.errors import BccError, ErrorCode
 
 __all__ = ["BccConfig", "DEFAULT_INDUCTOR_OPTIONS"]
 

@@ -31,7 +31,7 @@ INDUCTOR = {"layout_optimization": False}  # the same inductor settings for plai
 
 def _setup(name: str, latent: int, batch: int, steps: int):
     import bcc
-    from bcc import zoo
+    from bcc.tools import zoo
 
     model, args, kwargs = zoo.build(name, latent=latent, batch=batch)
     schedule = bcc.Schedule.every(2, steps, bcc.find_blocks(model, (args, kwargs)))

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import bcc
-from bcc.digits import load_digits_unet, make_ddim_scheduler, make_grid, sample
-from bcc.metrics import paired_report
+from bcc.tools.digits import load_digits_unet, make_ddim_scheduler, make_grid, sample
+from bcc.tools.metrics import paired_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every block of the UNet's down/mid/up stages. On this small 16x16 UNet the attention

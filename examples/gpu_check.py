@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import bcc
-from bcc.bench.workloads import build_workload
+from bcc.tools.bench.workloads import build_workload
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")

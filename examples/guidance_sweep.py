@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     if args.report:
         return write_report(Path(args.out))
     torch.set_num_threads(args.threads)
-    from bcc.digits import default_model_dir, load_digits, load_digits_model, make_scheduler, sample
-    from bcc.metrics import distribution_report
+    from bcc.tools.digits import default_model_dir, load_digits, load_digits_model, make_scheduler, sample
+    from bcc.tools.metrics import distribution_report
 
     model, conditioner, train_sched = load_digits_model(default_model_dir(args.arch))
     real = torch.cat([load_digits("train")[0], load_digits("test")[0]])

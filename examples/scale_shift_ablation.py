@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import bcc
-from bcc.digits import default_model_dir, load_digits_model, make_scheduler, sample
-from bcc.metrics import paired_report
+from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler, sample
+from bcc.tools.metrics import paired_report
 
 
 def main(argv=None) -> int:

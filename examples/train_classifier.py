@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the bcc-digits CNN classifier and write bcc/data/digits_classifier.safetensors (+ .json).
+"""Train the bcc-digits CNN classifier and write bcc/tools/data/digits_classifier.safetensors (+ .json).
 
     python examples/train_classifier.py [--epochs 20] [--seed 0] [--threads 1] [--out PATH]
 """
@@ -16,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bcc.digits.classifier import DEFAULT_CLASSIFIER_PATH, save_classifier, train_classifier  # noqa: E402
+from bcc.tools.digits.classifier import DEFAULT_CLASSIFIER_PATH, save_classifier, train_classifier  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

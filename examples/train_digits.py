@@ -3,13 +3,13 @@
 
 Examples (from the repository root):
 
-    # full UNet run (one CPU thread, ~1.5-2 h), exports EMA weights to bcc/data/digits_unet/
+    # full UNet run (one CPU thread, ~1.5-2 h), exports EMA weights to bcc/tools/data/digits_unet/
     python examples/train_digits.py
     # continue an interrupted run from runs/digits_unet/checkpoint.pt
     python examples/train_digits.py --resume
     # write the EMA weights of the latest checkpoint to the package folder and exit
     python examples/train_digits.py --export
-    # the DiT twin (PixArtTransformer2DModel), weights to bcc/data/digits_dit/
+    # the DiT twin (PixArtTransformer2DModel), weights to bcc/tools/data/digits_dit/
     python examples/train_digits.py --arch dit
 
 Everything random (initialisation, batch order, timesteps, noise, label dropout)
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bcc.digits.data import load_digits  # noqa: E402
-from bcc.digits.model import (  # noqa: E402
+from bcc.tools.digits.data import load_digits  # noqa: E402
+from bcc.tools.digits.model import (  # noqa: E402
     NULL_LABEL,
     DigitsConditioner,
     build_denoiser,
@@ -53,7 +53,7 @@ from bcc.digits.model import (  # noqa: E402
     make_train_scheduler,
     save_digits_model,
 )
-from bcc.digits.sampling import make_ddim_scheduler, sample, save_png  # noqa: E402
+from bcc.tools.digits.sampling import make_ddim_scheduler, sample, save_png  # noqa: E402
 
 DEFAULTS = {
     # measured on one core (2-core box, other core busy): UNet ~2.6 it/s, DiT ~3.3 it/s at batch 64,
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=("unet", "dit"), default="unet")
     ap.add_argument("--run-dir", type=Path, default=None, help="default runs/digits_<arch>")
-    ap.add_argument("--out", type=Path, default=None, help="export folder (default bcc/data/digits_<arch>)")
+    ap.add_argument("--out", type=Path, default=None, help="export folder (default bcc/tools/data/digits_<arch>)")
     ap.add_argument("--max-steps", type=int, default=None, help="total optimisation steps (default per arch)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default per arch)")
@@ -244,7 +244,7 @@ class Trainer:
         save_png(rows, self.run_dir / "samples_latest.png", nrow=args.samples_per_class, scale=3)
         acc = None
         try:
-            from bcc.digits.classifier import classify
+            from bcc.tools.digits.classifier import classify
 
             acc = float((classify(imgs) == labels).float().mean())
         except (FileNotFoundError, ValueError):

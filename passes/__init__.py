@@ -1,8 +1,8 @@
 """Graph passes of bcc, installed as ``bcc.passes``; run in the order listed."""
-from .annotate_blocks import AnnotateBlocksPass
-from .gate_blocks import CacheSlot, GateBlocksPass
-from .outline_blocks import OutlineBlocksPass
-from .specialize_row import SpecializeRowPass
+from bcc.passes.annotate_blocks import AnnotateBlocksPass
+from bcc.passes.gate_blocks import CacheSlot, GateBlocksPass
+from bcc.passes.outline_blocks import OutlineBlocksPass
+from bcc.passes.specialize_row import SpecializeRowPass
 
 __all__ = ["AnnotateBlocksPass", "OutlineBlocksPass", "GateBlocksPass", "CacheSlot", "SpecializeRowPass",
            "DEFAULT_PASSES"]

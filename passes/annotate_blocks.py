@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from bcc.analyze import ATTENTION, BlockSelector, find_block_regions
+from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions
 from bcc.errors import BccError, ErrorCode
 
 META = "bcc_block"
@@ -20,7 +20,7 @@ class AnnotateBlocksPass(PassBase):
 
     Example:
         >>> import torch
-        >>> from bcc.capture import capture
+        >>> from bcc.capture.graph import capture
         >>> class Net(torch.nn.Module):
         ...     def __init__(self):
         ...         super().__init__()

@@ -22,10 +22,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.errors import BccInternalError
 
-from bcc.scale_shift import batch_broadcast_shape
+from bcc.scale_shift.params import batch_broadcast_shape
 
-from .annotate_blocks import BLOCKS, META
-from .outline_blocks import PREFIX
+from bcc.passes.annotate_blocks import BLOCKS, META
+from bcc.passes.outline_blocks import PREFIX
 
 SLOTS = "bcc_cache_slots"
 aten = torch.ops.aten
@@ -158,7 +158,7 @@ class GateBlocksPass(PassBase):
 
     Example:
         >>> import torch
-        >>> from bcc.capture import capture
+        >>> from bcc.capture.graph import capture
         >>> from bcc.passes import AnnotateBlocksPass, OutlineBlocksPass
         >>> class Net(torch.nn.Module):
         ...     def __init__(self):

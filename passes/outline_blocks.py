@@ -7,7 +7,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from bcc.errors import BccInternalError
 
-from .annotate_blocks import BLOCKS, META
+from bcc.passes.annotate_blocks import BLOCKS, META
 
 PREFIX = "bcc_block_"
 
@@ -20,7 +20,7 @@ class OutlineBlocksPass(PassBase):
 
     Example:
         >>> import torch
-        >>> from bcc.capture import capture
+        >>> from bcc.capture.graph import capture
         >>> from bcc.passes import AnnotateBlocksPass
         >>> class Net(torch.nn.Module):
         ...     def __init__(self):

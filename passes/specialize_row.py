@@ -34,7 +34,7 @@ class SpecializeRowPass(PassBase):
 
     Example:
         >>> import torch
-        >>> from bcc.capture import capture
+        >>> from bcc.capture.graph import capture
         >>> from bcc.passes import AnnotateBlocksPass, GateBlocksPass, OutlineBlocksPass
         >>> class Net(torch.nn.Module):
         ...     def __init__(self):

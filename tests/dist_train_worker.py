@@ -4,7 +4,7 @@ import sys
 import torch
 
 import bcc
-from bcc import zoo
+from bcc.tools import zoo
 
 
 def main(schedule_path: str, out_prefix: str) -> None:

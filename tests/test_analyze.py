@@ -5,10 +5,9 @@ import torch.fx as fx
 
 import bcc
 from bcc import BccError, ErrorCode
-from bcc.analyze import find_block_regions
+from bcc.analyze.blocks import find_block_regions
 
-from conftest import built
-from toys import Toy, Twice
+from testing import Toy, Twice, built
 
 UNET_TINY_BLOCKS = [
     "down_blocks.0.attentions.0",
@@ -102,7 +101,7 @@ def test_non_convex_region_is_an_error_naming_the_node():
 
 def test_regions_include_private_parameters():
     model, args, kwargs = built("unet-tiny")
-    from bcc.capture import capture
+    from bcc.capture.graph import capture
 
     blocks = find_block_regions(capture(model, args, kwargs).gm)
     attrs = [n for n in blocks[0].nodes if n.op == "get_attr"]

@@ -10,9 +10,7 @@ import torch
 import bcc
 from bcc import Schedule
 
-from conftest import built, run, trajectory_inputs
-from toys import Toy
-from test_runtime import _changing_schedule
+from testing import Toy, built, changing_schedule, run, trajectory_inputs
 
 
 def _compile(model, schedule, **options):
@@ -63,7 +61,7 @@ def test_backend_by_name_in_a_fresh_process_without_importing_bcc(tmp_path):
 
 def test_backend_equals_bcc_compile_over_two_trajectories():
     model, args, kwargs = built("unet-tiny")
-    schedule = _changing_schedule(6, bcc.find_blocks(model, (args, kwargs)))
+    schedule = changing_schedule(6, bcc.find_blocks(model, (args, kwargs)))
     inputs = trajectory_inputs("unet-tiny", model, 6)
     fast = _compile(model, schedule)
     got = run(fast, inputs) + run(fast, inputs)

@@ -1,7 +1,7 @@
 """The quality benchmark's resume contract: an interrupted run continues where it stopped."""
 import torch
 
-from bcc.bench import quality
+from bcc.tools.bench import quality
 
 
 def _count(monkeypatch, calls, owner, name, key):

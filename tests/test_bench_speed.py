@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from bcc.bench.speed import bench_workload
-from bcc.bench.speed_report import write_report
-from bcc.bench.workloads import build_workload
+from bcc.tools.bench.speed import bench_workload
+from bcc.tools.bench.speed_report import write_report
+from bcc.tools.bench.workloads import build_workload
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_report_files(result, tmp_path):
 
 
 def test_recost_recomputes_fractions_and_keeps_timings(result, tmp_path):
-    from bcc.bench.speed import recost
+    from bcc.tools.bench.speed import recost
 
     result.update(command="test", threads=1, torch="x")
     doctored = json.loads(json.dumps(result, default=str))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import bcc
-from bcc import Schedule, zoo
-from bcc.reference import HookReference
+from bcc import Schedule
+from bcc.tools import zoo
+from bcc.runtime.reference import HookReference
 
 STEPS = 10
 LABELS = [1, 7]  # 2 classes x 1 seed
@@ -16,7 +17,7 @@ LABELS = [1, 7]  # 2 classes x 1 seed
 
 @pytest.fixture(scope="module")
 def digits_setup():
-    from bcc.digits import load_digits_unet, make_scheduler, sample
+    from bcc.tools.digits import load_digits_unet, make_scheduler, sample
 
     try:
         unet, conditioner, train = load_digits_unet()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from bcc import ChangeProfile, Schedule
-from bcc.cli import main
+from bcc.tools.cli import main
 
 ZOO = ["calibrate", "--model", "zoo:unet-tiny", "--steps", "5", "--seeds", "0,1", "--threads", "1"]
 BCC = Path(shutil.which("bcc", path=os.path.dirname(sys.executable)) or shutil.which("bcc") or "bcc")  # console script

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import bcc
-from bcc.digits import load_digits_unet, make_ddim_scheduler, sample
-from bcc.metrics import paired_report
+from bcc.tools.digits import load_digits_unet, make_ddim_scheduler, sample
+from bcc.tools.metrics import paired_report
 
 STEPS = 10
 N = 100
@@ -56,8 +56,8 @@ def test_cached_model_keeps_fidelity_and_a_stale_cache_fails(digits):
 
 def test_wrapped_dit_is_still_called_as_a_dit():
     import bcc
-    from bcc.digits import default_model_dir, load_digits_model
-    from bcc.digits.model import denoiser_arch
+    from bcc.tools.digits import default_model_dir, load_digits_model
+    from bcc.tools.digits.model import denoiser_arch
 
     dit, _, _ = load_digits_model(default_model_dir("dit"))
     assert denoiser_arch(bcc.compile(dit, lambda names: bcc.Schedule.every(2, 20, names))) == "dit"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bcc import ChangeProfile
-from bcc.cli import main
+from bcc.tools.cli import main
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
@@ -27,7 +27,7 @@ def test_torchrun_matches_single_process(case, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bcc.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bcc.tools.cli",
          *argv, "--out", str(dist_out)],
         capture_output=True, text=True, env=env, timeout=240,
     )

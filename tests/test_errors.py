@@ -5,8 +5,7 @@ import torch
 import bcc
 from bcc import BccConfig, BccError, ErrorCode, Schedule
 
-from conftest import built, run, trajectory_inputs
-from toys import Toy
+from testing import Toy, built, run, trajectory_inputs
 
 
 def _code(excinfo):
@@ -150,7 +149,7 @@ def test_config_replace_is_validated():
 
 
 def test_schedule_planned_for_another_model():
-    from bcc.profile import model_fingerprint
+    from bcc.plan.profile import model_fingerprint
 
     other = torch.nn.Linear(3, 3)
     profile = bcc.ChangeProfile(torch.tensor([[0.0, 0.0], [0.3, 0.3]]), ["b0", "b1"], fingerprint=model_fingerprint(other))

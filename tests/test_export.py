@@ -12,9 +12,7 @@ from torch import nn
 import bcc
 from bcc import Schedule
 
-from conftest import built, run, trajectory_inputs
-from toys import Toy
-from test_runtime import _changing_schedule
+from testing import Toy, built, changing_schedule, run, trajectory_inputs
 
 STEPS = 5
 
@@ -26,7 +24,7 @@ def _conds(ep) -> int:
 @pytest.fixture(scope="module")
 def unet():
     model, args, kwargs = built("unet-tiny")
-    schedule = _changing_schedule(STEPS, bcc.find_blocks(model, (args, kwargs)))
+    schedule = changing_schedule(STEPS, bcc.find_blocks(model, (args, kwargs)))
     inputs = trajectory_inputs("unet-tiny", model, STEPS)
     want = run(bcc.compile(model, schedule, backend="eager"), inputs * 2)
     return model, schedule, inputs, want
@@ -183,7 +181,7 @@ def test_artifact_errors(aoti_package, tmp_path):
 
 
 def test_cli_export_writes_a_loadable_artifact(tmp_path, capsys):
-    from bcc.cli import main
+    from bcc.tools.cli import main
 
     model, args, kwargs = built("dit")
     names = bcc.find_blocks(model, (args, kwargs))

@@ -6,9 +6,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bcc
-from bcc.calibrate import block_flops
+from bcc.plan.calibrate import block_flops
 
-from conftest import built, trajectory_inputs
+from testing import built, trajectory_inputs
 
 
 def _flops(model, inputs):

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import bcc
-from bcc import Schedule, zoo
+from bcc import Schedule
+from bcc.tools import zoo
 
-from conftest import built, run
-from test_models import _reference
+from testing import built, reference_outputs, run
 
 EXAMPLES = int(os.environ.get("BCC_FUZZ_EXAMPLES", "0"))
 # CI budget: a tiny UNet compiles in ~15-25 s on one core, a tiny DiT in ~5-10 s, and
@@ -127,7 +127,7 @@ def test_compiled_equals_reference_on_random_configs(name):
         for schedule in _random_schedules(seed, num_steps, blocks, SCHEDULES_PER_CONFIG):
             fast.set_schedule(schedule)
             got = run(fast, inputs)
-            for s, (g, w) in enumerate(zip(got, _reference(model, schedule, inputs, mode), strict=True)):
+            for s, (g, w) in enumerate(zip(got, reference_outputs(model, schedule, inputs, mode), strict=True)):
                 torch.testing.assert_close(g, w, **COMPILED_TOL, msg=lambda m: f"step {s}: {m}")
 
     check()

@@ -1,4 +1,4 @@
-"""Tests for bcc.metrics: FD-digits, precision/recall, PSNR/SSIM, flip rate, reports."""
+"""Tests for bcc.tools.metrics: FD-digits, precision/recall, PSNR/SSIM, flip rate, reports."""
 
 import math
 
@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bcc import metrics as M
+from bcc.tools import metrics as M
 
 
 def _rand_cov(d: int, rank: int, seed: int) -> np.ndarray:
@@ -144,7 +144,7 @@ def test_ssim_constant_images_analytic():
 
 @pytest.fixture(scope="module")
 def digits():
-    from bcc.digits import load_digits
+    from bcc.tools.digits import load_digits
     xt, yt = load_digits("test")
     xr, _ = load_digits("train")
     # The train split is ordered by class: take a seeded random subset, never xr[:500].
@@ -167,7 +167,7 @@ def test_classifier_accuracy_and_flip_rate(digits):
     shuffled = xt[torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))]
     assert M.label_flip_rate(xt, shuffled) > 0.5
     # Any callable returning logits works as a classifier.
-    from bcc.digits import logits
+    from bcc.tools.digits import logits
     assert M.class_accuracy(xt, yt, classifier=logits) == M.class_accuracy(xt, yt)
 
 

@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 import bcc
 from bcc import Schedule
-from bcc.reference import HookReference
+from bcc.runtime.reference import HookReference
 
-from conftest import built, run, trajectory_inputs
+from testing import built, random_schedule, reference_outputs, run, trajectory_inputs
 
 TINY = ["unet-tiny", "pixart", "sd3", "flux", "dit", "sdxl-small"]
 EAGER_TOL = dict(rtol=0, atol=0)
@@ -34,21 +34,6 @@ def test_all_compute_equals_model(name, backend):
         torch.testing.assert_close(g, w, **tol)
 
 
-def _reference(model, schedule, inputs, mode="residual"):
-    ref = HookReference(model, schedule, mode=mode)
-    try:
-        return run(model, inputs)
-    finally:
-        ref.remove()
-
-
-def _random_schedule(data, names, num_steps):
-    bits = data.draw(st.lists(st.booleans(), min_size=num_steps * len(names), max_size=num_steps * len(names)))
-    mask = torch.tensor(bits, dtype=torch.bool).reshape(num_steps, len(names))
-    mask[0] = True
-    return Schedule(mask, names)
-
-
 @pytest.mark.parametrize("name", ["unet-tiny", "flux", "sd3", "pixart", "dit"])
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
@@ -56,10 +41,10 @@ def test_eager_rewrite_equals_reference_exactly(name, data):
     num_steps = 5
     model, names = _blocks(name)
     mode = data.draw(st.sampled_from(["residual", "output"]))
-    schedule = _random_schedule(data, names, num_steps)
+    schedule = random_schedule(data, names, num_steps)
     inputs = trajectory_inputs(name, model, num_steps)
     fast = bcc.compile(model, schedule, backend="eager", mode=mode)
-    for g, w in zip(run(fast, inputs), _reference(model, schedule, inputs, mode)):
+    for g, w in zip(run(fast, inputs), reference_outputs(model, schedule, inputs, mode)):
         torch.testing.assert_close(g, w, **EAGER_TOL)
 
 
@@ -78,9 +63,9 @@ def test_compiled_random_schedules_equal_reference(name):
     @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def check(data):
-        schedule = _random_schedule(data, names, num_steps)
+        schedule = random_schedule(data, names, num_steps)
         fast.set_schedule(schedule)
-        for g, w in zip(run(fast, inputs), _reference(model, schedule, inputs)):
+        for g, w in zip(run(fast, inputs), reference_outputs(model, schedule, inputs)):
             torch.testing.assert_close(g, w, **COMPILED_TOL)
 
     check()
@@ -100,7 +85,7 @@ def test_sd15_config_all_compute_and_every2(backend):
         torch.testing.assert_close(g, w, **(EAGER_TOL if backend == "eager" else dict(rtol=1e-3, atol=1e-3)))
     every = Schedule.every(2, 2, names)
     fast.set_schedule(every)
-    for g, w in zip(run(fast, inputs), _reference(model, every, inputs)):
+    for g, w in zip(run(fast, inputs), reference_outputs(model, every, inputs)):
         torch.testing.assert_close(g, w, **(EAGER_TOL if backend == "eager" else dict(rtol=1e-3, atol=1e-3)))
 
 

@@ -3,11 +3,10 @@ import operator
 
 import torch
 
-from bcc.capture import capture
+from bcc.capture.graph import capture
 from bcc.passes import AnnotateBlocksPass, GateBlocksPass, OutlineBlocksPass
 
-from conftest import built
-from toys import Toy
+from testing import Toy, built
 
 COND = torch.ops.higher_order.cond
 

@@ -1,4 +1,4 @@
-"""The peer adapters (bcc.bench.peers): each peer runs in an ordinary loop, skips work when
+"""The peer adapters (bcc.tools.bench.peers): each peer runs in an ordinary loop, skips work when
 aggressive and none when neutral, leaks no state across trajectories, and leaves the model
 exactly as it found it."""
 import pickle
@@ -6,10 +6,10 @@ import pickle
 import pytest
 import torch
 
-from bcc.bench.peers import PeerSetting, compile_report, enable, magcache_ratios, peer_settings, timestep_schedule
-from bcc.digits import default_model_dir, load_digits_model, make_scheduler, sample
+from bcc.tools.bench.peers import PeerSetting, compile_report, enable, magcache_ratios, peer_settings, timestep_schedule
+from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler, sample
 
-from conftest import built
+from testing import built, run
 
 STEPS = 6
 _DIGITS: dict = {}

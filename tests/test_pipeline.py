@@ -4,9 +4,9 @@ import torch
 
 import bcc
 from bcc import Schedule
-from bcc.reference import HookReference
+from bcc.runtime.reference import HookReference
 
-from tiny_pipeline import tiny_sd_pipeline
+from testing import tiny_sd_pipeline
 
 STEPS = 6
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import bcc
 from bcc import BccError, ChangeProfile, ErrorCode, Schedule
-from bcc.plan import for_budget, from_change
+from bcc.plan.planner import for_budget, from_change
 
 
 def _profile(cols, flops=None, rest=0.0):
@@ -169,7 +169,7 @@ def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
 
 def test_profile_mismatch_with_model_and_steps():
     model = torch.nn.Linear(2, 2)
-    p = ChangeProfile(torch.zeros(3, 1), ["x"], fingerprint=bcc.profile.model_fingerprint(model))
+    p = ChangeProfile(torch.zeros(3, 1), ["x"], fingerprint=bcc.plan.profile.model_fingerprint(model))
     p.check_compatible(model=model, num_steps=3)
     with pytest.raises(BccError) as e:
         p.check_compatible(model=torch.nn.Linear(2, 3))

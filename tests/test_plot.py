@@ -1,4 +1,4 @@
-"""bcc.plot: change curves (Fig. 2b) and cache lifetimes (Fig. 4) for 4 to 60 blocks."""
+"""bcc.tools.plot: change curves (Fig. 2b) and cache lifetimes (Fig. 4) for 4 to 60 blocks."""
 import os
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from bcc import ChangeProfile, Schedule
-from bcc.plot import MAX_LINES_PER_AXES, lifetimes, plot_change, plot_schedule
+from bcc.tools.plot import MAX_LINES_PER_AXES, lifetimes, plot_change, plot_schedule
 
 COUNTS = (4, 16, 60)
 

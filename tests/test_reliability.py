@@ -15,9 +15,7 @@ import torch
 import bcc
 from bcc import BccError, ErrorCode, Schedule
 
-from conftest import built, run, trajectory_inputs
-from test_models import _reference
-from toys import Toy
+from testing import Toy, built, reference_outputs, run, trajectory_inputs
 
 B = torch.bool
 
@@ -117,7 +115,7 @@ def test_device_change_mid_trajectory():
     assert _code(e) is ErrorCode.SIGNATURE_CHANGED
     assert "device cpu -> meta" in str(e.value)
     assert fast.bcc_step == 0
-    _exact(run(fast, inputs), _reference(fast._orig_mod, fast.bcc_schedule, inputs))
+    _exact(run(fast, inputs), reference_outputs(fast._orig_mod, fast.bcc_schedule, inputs))
 
 
 def test_return_dict_switch_mid_trajectory():
@@ -140,7 +138,7 @@ def test_return_dict_and_omitted_kwargs_at_a_trajectory_start_are_new_captures()
         # return_dict omitted: diffusers' default (True); no optional kwargs at all.
         bare = [fast(*a, encoder_hidden_states=k["encoder_hidden_states"]) for a, k in inputs]
     assert all(type(o).__name__ == "UNet2DConditionOutput" for o in as_dict + bare)
-    want = _reference(model, fast.bcc_schedule, inputs)
+    want = reference_outputs(model, fast.bcc_schedule, inputs)
     _exact([o.sample for o in as_dict], want)
     _exact([o.sample for o in bare], want)
     assert fast.bcc_stats()["signatures"] == 2  # one capture per call structure, each kept
@@ -166,7 +164,7 @@ def test_interleaved_trajectories_are_refused_in_check_mode():
         run(fast, second[:1])  # a second generation starts before the first ends
     assert _code(e) is ErrorCode.STEP_MISMATCH
     assert "bcc_reset" in str(e.value)
-    _exact(run(fast, second), _reference(model, fast.bcc_schedule, second))
+    _exact(run(fast, second), reference_outputs(model, fast.bcc_schedule, second))
 
 
 def test_interleaved_trajectories_of_another_shape_are_refused_without_check():
@@ -224,7 +222,7 @@ def test_schedule_file_naming_only_another_models_blocks(tmp_path):
 
 
 def test_schedule_file_of_another_model(tmp_path):
-    from bcc.profile import model_fingerprint
+    from bcc.plan.profile import model_fingerprint
 
     # One name the other model has and this one lacks.
     Schedule.every(2, 2, ["b0", "transformer_blocks.0"]).save(tmp_path / "names.json")
@@ -260,13 +258,13 @@ def test_nan_and_inf_propagate_like_the_reference_and_end_with_the_trajectory():
     bad[0][0][0][0, 0] = float("nan")
     bad[0][0][0][1, 2] = float("inf")
     got = run(fast, bad)
-    _exact(got, _reference(Toy(), schedule, bad), equal_nan=True)
+    _exact(got, reference_outputs(Toy(), schedule, bad), equal_nan=True)
     # Reused caches carry the step-0 NaN and inf into steps whose inputs are clean (a
     # residual of inf is inf - inf = NaN, in the reference too) ...
     assert got[1][0, 0].isnan() and got[2][0, 0].isnan() and got[2][1, 2].isnan()
     assert torch.isfinite(bad[1][0][0]).all()
     # ... but not into the next trajectory: step 0 recomputes and overwrites every cache.
-    _exact(run(fast, steps), _reference(Toy(), schedule, steps))
+    _exact(run(fast, steps), reference_outputs(Toy(), schedule, steps))
 
 
 def test_nan_trajectory_aborted_by_an_error_leaves_nothing_behind():
@@ -278,7 +276,7 @@ def test_nan_trajectory_aborted_by_an_error_leaves_nothing_behind():
     with pytest.raises(BccError) as e:
         fast(torch.ones(5), t0)
     assert _code(e) is ErrorCode.SIGNATURE_CHANGED
-    _exact(run(fast, steps), _reference(Toy(), schedule, steps))
+    _exact(run(fast, steps), reference_outputs(Toy(), schedule, steps))
 
 
 # -- the model changed after compile -------------------------------------------------
@@ -294,7 +292,7 @@ def test_weights_updated_in_place_are_seen():
         net.out.bias.add_(1)
     after = run(fast, steps)
     assert not torch.allclose(after[0], before[0])
-    for g, w in zip(after, _reference(net, schedule, steps), strict=True):
+    for g, w in zip(after, reference_outputs(net, schedule, steps), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -307,7 +305,7 @@ def test_replaced_parameter_or_module_is_recaptured_at_the_next_trajectory():
     proj = model.transformer_blocks[0].ff.net[0].proj
     proj.weight = torch.nn.Parameter(proj.weight.detach() * 3)  # a new object, not an update
     model.proj_out = torch.nn.Linear(model.proj_out.in_features, model.proj_out.out_features)
-    _exact(run(fast, inputs), _reference(model, schedule, inputs))
+    _exact(run(fast, inputs), reference_outputs(model, schedule, inputs))
     assert fast.bcc_stats()["signatures"] == 1  # the stale capture is gone, not kept beside
 
 
@@ -326,7 +324,7 @@ def test_one_model_compiled_twice_alternating_per_step():
             got_a.append(a(*args_a))
             got_b.append(b(*args_b))
     for got, schedule, steps in ((got_a, lazy, steps_a), (got_b, other, steps_b)):
-        for g, w in zip(got, _reference(net, schedule, steps), strict=True):
+        for g, w in zip(got, reference_outputs(net, schedule, steps), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -421,7 +419,7 @@ def test_two_compiled_instances_in_two_threads_equal_sequential():
         assert not isinstance(got, BaseException), got
         for trajectory in got:
             _exact(trajectory, run(fast, steps))
-        for g, w in zip(got[0], _reference(net, schedule, steps), strict=True):
+        for g, w in zip(got[0], reference_outputs(net, schedule, steps), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -429,7 +427,7 @@ def test_shared_instance_refuses_a_second_thread_mid_trajectory():
     schedule = Schedule(torch.tensor([[True, True], [False, False], [False, True]]), ["b0", "b1"])
     fast = bcc.compile(Toy(), schedule, backend="inductor")
     steps = _toy_steps(3)
-    want = _reference(Toy(), schedule, steps)
+    want = reference_outputs(Toy(), schedule, steps)
     owner_started, intruder_done = threading.Event(), threading.Event()
     refused: list = []
 
@@ -505,7 +503,7 @@ def test_bf16_eager_all_true_equals_the_bf16_model():
     _exact(got, run(model, inputs))
     every2 = Schedule.every(2, 3, fast.bcc_blocks)
     fast.set_schedule(every2)
-    _exact(run(fast, inputs), _reference(model, every2, inputs))
+    _exact(run(fast, inputs), reference_outputs(model, every2, inputs))
 
 
 def test_bf16_compiled_matches_the_bf16_reference():
@@ -515,7 +513,7 @@ def test_bf16_compiled_matches_the_bf16_reference():
     inputs = _bf16(trajectory_inputs("pixart", model, 4))
     fast = bcc.compile(model, schedule, backend="inductor")
     got = run(fast, inputs)
-    for g, w in zip(got, _reference(model, schedule, inputs), strict=True):
+    for g, w in zip(got, reference_outputs(model, schedule, inputs), strict=True):
         assert g.dtype == torch.bfloat16
         # Inductor computes fused bf16 ops in fp32 and rounds once where eager rounds
         # after every op: a few bf16 ulps (2^-8 relative) apart, not more.

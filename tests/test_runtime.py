@@ -7,25 +7,14 @@ from torch._dynamo.utils import counters
 import bcc
 from bcc import Schedule
 
-from conftest import built, first_tensor, run, trajectory_inputs
-
-
-def _changing_schedule(num_steps, names):
-    # A different recompute pattern at every step (row s: blocks whose bit s is set).
-    mask = torch.zeros(num_steps, len(names), dtype=torch.bool)
-    for s in range(num_steps):
-        for i in range(len(names)):
-            mask[s, i] = bool((s * 7 + i * 3) % 5 < 2)
-    mask[0] = True
-    assert len({tuple(r) for r in mask.tolist()}) >= 5
-    return Schedule(mask, names)
+from testing import built, changing_schedule, first_tensor, run, trajectory_inputs
 
 
 def test_one_graph_zero_recompiles_over_two_20_step_trajectories():
     model, args, kwargs = built("unet-tiny")
     names = bcc.find_blocks(model, (args, kwargs))
     counter = CompileCounterWithBackend("inductor")
-    fast = bcc.compile(model, _changing_schedule(20, names), backend=counter)
+    fast = bcc.compile(model, changing_schedule(20, names), backend=counter)
     inputs = trajectory_inputs("unet-tiny", model, 20)
     counters.clear()
     first = run(fast, inputs)

@@ -7,11 +7,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import bcc
 from bcc import BccError, ErrorCode, Schedule, ScaleShift
-from bcc.reference import HookReference
-from bcc.scale_shift import SlotSpec
+from bcc.runtime.reference import HookReference
+from bcc.scale_shift.params import SlotSpec
 
-from conftest import built, run, trajectory_inputs
-from toys import Toy, ToyTwoOut
+from testing import Toy, ToyTwoOut, built, run, trajectory_inputs
 
 MASK = torch.tensor([[1, 1], [0, 1], [0, 0], [1, 0], [0, 0]], dtype=torch.bool)
 
@@ -167,7 +166,7 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
 def test_parameters_for_another_schedule_model_steps_or_mode_are_refused():
     schedule = Schedule(MASK, ("b0", "b1"))
     ss = _toy_ss(schedule)
-    ss.model_fp = bcc.profile.model_fingerprint(Toy())
+    ss.model_fp = bcc.plan.profile.model_fingerprint(Toy())
     for other, kwargs in [
         (Schedule.every(2, 5, ["b0", "b1"]), {}),                       # another pattern
         (Schedule.every(2, 6, ["b0", "b1"]), {}),                       # another step count
@@ -334,7 +333,7 @@ def _tiny_schedule(tmp_path):
 
 
 def test_cli_train_writes_parameters_and_refuses_a_step_mismatch(tmp_path, capsys):
-    from bcc.cli import main
+    from bcc.tools.cli import main
 
     schedule = _tiny_schedule(tmp_path)
     out = tmp_path / "ss.safetensors"

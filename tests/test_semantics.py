@@ -4,9 +4,9 @@ import torch
 
 import bcc
 from bcc import Schedule
-from bcc.reference import HookReference
+from bcc.runtime.reference import HookReference
 
-from toys import Toy, ToyTwoOut, ToyWiden
+from testing import Toy, ToyTwoOut, ToyWiden
 
 BACKENDS = ["eager", "inductor"]
 

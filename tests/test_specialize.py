@@ -13,14 +13,12 @@ from torch._dynamo.utils import counters
 
 import bcc
 from bcc import Schedule
-from bcc.capture import capture
+from bcc.capture.graph import capture
 from bcc.errors import BccError
 from bcc.passes import AnnotateBlocksPass, GateBlocksPass, OutlineBlocksPass, SpecializeRowPass
 from bcc.passes.specialize_row import specialized
 
-from conftest import built, run, trajectory_inputs
-from test_models import _random_schedule, _reference
-from toys import Toy
+from testing import Toy, built, random_schedule, reference_outputs, run, trajectory_inputs
 
 
 def _gated(model, args, names, mode="residual"):
@@ -80,9 +78,9 @@ def test_eager_specialize_equals_reference_exactly(name, data):
     model, args, kwargs = built(name)
     names = bcc.find_blocks(model, (args, kwargs))
     mode = data.draw(st.sampled_from(["residual", "output"]))
-    schedule = _random_schedule(data, names, 5)
+    schedule = random_schedule(data, names, 5)
     inputs = trajectory_inputs(name, model, 5)
-    want = _reference(model, schedule, inputs, mode)
+    want = reference_outputs(model, schedule, inputs, mode)
     got = run(bcc.compile(model, schedule, backend="eager", mode=mode, strategy="specialize"), inputs)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -101,7 +99,7 @@ def test_compiled_one_graph_per_distinct_row_and_none_on_the_second_trajectory()
     second = run(fast, inputs)
     assert counter.frame_count == 2
     assert not counters["graph_break"], dict(counters["graph_break"])
-    want = _reference(model, schedule, inputs)
+    want = reference_outputs(model, schedule, inputs)
     for a, b, w in zip(first, second, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,1 @@
+"""capture: torch.export a denoiser into a flat ATen graph (:mod:`bcc.capture.graph`)."""

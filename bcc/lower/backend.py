@@ -1,0 +1,193 @@
+"""lower: the ``bcc`` backend for ``torch.compile``.
+
+``torch.compile(model, backend="bcc", options={"schedule": schedule}, dynamic=False)``
+gives the same model as :func:`bcc.compile`, through Dynamo's door. Dynamo hands the
+backend a torch-level graph whose nodes carry ``nn_module_stack``; the backend
+re-exports it to ATen with :func:`bcc.capture.graph.capture` (the module paths survive, so
+the blocks get the same names as in ``bcc.compile``), runs the same passes
+(:func:`bcc.lower.compile.rewrite`) and compiles the result with inductor. The callable it
+returns holds the trajectory: the step counter and the caches, as ``BccModule`` does.
+
+The backend is found by name without importing bcc (the ``torch_dynamo_backends``
+entry point in ``pyproject.toml``); importing bcc registers it too when bcc is not
+installed as a distribution (a source checkout on ``sys.path``).
+
+What it refuses: options without a schedule (``BCC701``); a graph that does not hold
+all of the schedule's blocks, i.e. a regional compile of blocks or a graph break
+(``BCC702``: each region would need its own step counter, and repeated blocks share
+one compiled graph); symbolic shapes (``BCC703``: caches are static, pass
+``dynamic=False``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from bcc.analyze.blocks import ATTENTION, module_calls
+from bcc.capture.graph import capture
+from bcc.config import BccConfig
+from bcc.errors import BccError, ErrorCode
+from bcc.lower.export import _Stepper, state_inputs
+from bcc.lower.compile import rewrite
+from bcc.passes import AnnotateBlocksPass
+from bcc.passes.annotate_blocks import BLOCKS
+from bcc.passes.gate_blocks import SLOTS
+from bcc.plan.schedule import Schedule
+
+__all__ = ["bcc_backend"]
+
+NAME = "bcc"
+_ENTRY_POINT = "bcc.lower.backend:bcc_backend"
+_CONFIG_OPTIONS = ("mode", "backend", "inductor_options")
+
+
+def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,
+                mode: str | None = None) -> Callable[..., Any]:
+    """Dynamo backend: gate the graph's blocks on a schedule, compile with inductor.
+
+    Args:
+        gm: the graph Dynamo captured (the whole denoiser, ``fullgraph=True`` advised).
+        example_inputs: its real example inputs.
+        options: ``torch.compile(options=...)``: ``"schedule"`` (a :class:`Schedule`, the
+            path of a saved one, or a function from the found block names to one), ``"blocks"``
+            (selector for a schedule function), ``"mode"`` (``"residual"``/``"output"``),
+            ``"backend"`` (``"inductor"`` or ``"eager"``), ``"inductor_options"``.
+        mode: ``torch.compile(mode=...)``; its inductor settings are applied.
+
+    Returns:
+        A callable with ``gm``'s signature that advances one step per call.
+
+    Example:
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.block = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return x + self.block(x)
+        >>> net = Net()
+        >>> fast = torch.compile(net, backend="bcc", dynamic=False,
+        ...                      options={"schedule": Schedule.every(2, 2, ["block"]), "backend": "eager"})
+        >>> x = torch.ones(1, 2)
+        >>> torch.equal(fast(x), net(x)), torch.allclose(fast(5 * x), net(x) + 8 * x)  # step 1 reuses block(x) - x
+        (True, True)
+    """
+    schedule_src, blocks, cfg = _parse_options(options)
+    _refuse_symbolic(gm, example_inputs)
+    captured = capture(gm, tuple(example_inputs), {})
+    if isinstance(schedule_src, Schedule):
+        schedule = schedule_src
+    else:
+        names = AnnotateBlocksPass(selector=blocks or ATTENTION)(captured.gm).graph_module.meta[BLOCKS]
+        schedule = schedule_src(tuple(names))
+        if not isinstance(schedule, Schedule):
+            raise BccError(ErrorCode.BACKEND_OPTIONS,
+                           f"options['schedule'] returned {type(schedule).__name__}, not a bcc.Schedule.")
+    _require_blocks(captured.gm, schedule.block_names)
+    rewritten = rewrite(captured, names=schedule.block_names, mode=cfg.mode)
+    mask = schedule.reorder(rewritten.meta[BLOCKS]).mask
+    slots = rewritten.meta[SLOTS]
+    if len(state_inputs(rewritten, len(captured.tensor_positions))) != 2 + len(slots):
+        raise BccError(ErrorCode.BACKEND_OPTIONS,
+                       "this graph needs scale-shift tables, which the backend cannot take yet; use bcc.compile.")
+    caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in slots]
+    stepper = _Stepper(rewritten, mask, schedule.num_steps, caches)
+    if cfg.backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(cfg.inductor_options)
+        if mode not in (None, "default"):
+            patches = {**torch._inductor.list_mode_options(mode), **patches}
+        example = [mask, stepper.steps[0], *caches, *(example_inputs[i] for i in captured.tensor_positions)]
+        stepper.fn = compile_fx(rewritten, example, config_patches=patches)
+    positions = captured.tensor_positions
+
+    def run(*args: Any) -> Any:
+        return stepper([args[i] for i in positions])
+
+    run.bcc_stepper = stepper  # for inspection and tests: step, caches, schedule
+    return run
+
+
+def _parse_options(options: Any) -> tuple[Any, Any, BccConfig]:
+    if not isinstance(options, dict) or "schedule" not in options:
+        raise BccError(ErrorCode.BACKEND_OPTIONS,
+                       f"backend 'bcc' needs options={{'schedule': schedule}}, got options={options!r}. Pass "
+                       "torch.compile(model, backend='bcc', dynamic=False, options={'schedule': bcc.Schedule(...)}); "
+                       "list the model's blocks with bcc.find_blocks(model, example_inputs).")
+    rest = dict(options)
+    schedule = rest.pop("schedule")
+    blocks = rest.pop("blocks", None)
+    if isinstance(schedule, (str, os.PathLike)):
+        schedule = Schedule.load(schedule)  # lets a script use the backend without importing bcc
+    if not isinstance(schedule, Schedule) and not callable(schedule):
+        raise BccError(ErrorCode.BACKEND_OPTIONS,
+                       f"options['schedule'] must be a bcc.Schedule or a function of the block names, got "
+                       f"{type(schedule).__name__}. Load one with bcc.Schedule.load(path) or build one with "
+                       "bcc.Schedule.every(n, steps, names).")
+    if isinstance(schedule, Schedule) and blocks is not None:
+        raise BccError(ErrorCode.BACKEND_OPTIONS,
+                       "options['blocks'] is only used with a schedule function; a Schedule already names its blocks.")
+    unknown = sorted(set(rest) - set(_CONFIG_OPTIONS))
+    if unknown:
+        raise BccError(ErrorCode.BACKEND_OPTIONS,
+                       f"unknown option(s) {unknown} for backend 'bcc'; valid: "
+                       f"{['schedule', 'blocks', *_CONFIG_OPTIONS]} (check=True needs bcc.compile).")
+    cfg = BccConfig().replace(**rest)
+    if cfg.backend not in ("inductor", "eager"):
+        raise BccError(ErrorCode.BACKEND_OPTIONS,
+                       f"options['backend'] must be 'inductor' or 'eager' for backend 'bcc', got {cfg.backend!r}.")
+    return schedule, blocks, cfg
+
+
+def _refuse_symbolic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    symbolic = [n.name for n, x in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)
+                if not isinstance(x, torch.Tensor) or _has_symbols(n.meta.get("example_value"))]
+    if symbolic:
+        raise BccError(ErrorCode.STATIC_SHAPE,
+                       f"Dynamo handed backend 'bcc' a graph with symbolic shapes (inputs {symbolic[:4]}): bcc's "
+                       "caches are static in batch size and resolution. Pass dynamic=False to torch.compile; each "
+                       "new shape then compiles its own graph with its own caches.")
+
+
+def _has_symbols(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and any(not isinstance(d, int) for d in value.shape)
+
+
+def _require_blocks(gm: fx.GraphModule, names: Sequence[str]) -> None:
+    present = set(module_calls(gm))
+    missing = [n for n in names if n not in present]
+    if not missing:
+        return
+    if len(missing) < len(names):
+        why = ("a graph break split the model (find it with torch.compile(..., fullgraph=True)), or only part "
+               "of the model was compiled")
+    else:
+        why = ("torch.compile was applied to a part of the model (regional compile, e.g. block.compile(), is "
+               "not supported: repeated blocks share one compiled graph and every region would need its own "
+               "step), or the schedule was made for another model")
+    sample = ", ".join(sorted(p for p in present if p.count(".") <= 1)[:6]) or "(none)"
+    raise BccError(ErrorCode.BACKEND_GRAPH,
+                   f"the graph Dynamo handed to backend 'bcc' lacks the schedule's block(s) {missing[:4]}"
+                   f"{' ...' if len(missing) > 4 else ''} (its modules include {sample}): {why}. Compile the whole "
+                   "denoiser in one graph: torch.compile(model, backend='bcc', fullgraph=True, dynamic=False, "
+                   "options={'schedule': s}) with s built from bcc.find_blocks(model, example_inputs).")
+
+
+def _register() -> None:
+    """Register ``backend="bcc"`` unless torch will load it through the entry point.
+
+    Registering both ways would make torch's lazy entry-point load fail with
+    "duplicate name", so the eager registration is only for source checkouts.
+    """
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if NAME in registry._COMPILER_FNS:
+        return
+    if any(ep.name == NAME and ep.value == _ENTRY_POINT for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    registry.register_backend(bcc_backend, name=NAME)

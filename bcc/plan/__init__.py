@@ -1,0 +1,1 @@
+"""plan: change profiles (calibration), cache schedules and the planner that turns one into the other."""

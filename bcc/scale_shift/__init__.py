@@ -1,0 +1,1 @@
+"""scale-shift: learned corrections of reused block values (parameters and training)."""

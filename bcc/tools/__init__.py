@@ -1,0 +1,1 @@
+"""Tooling built on bcc's public API: the CLI, benchmarks, the shipped digits models, metrics and plots."""

@@ -1,0 +1,336 @@
+"""bcc bench speed: how fast bcc samples, against the schedule's ideal and the plain model.
+
+For each workload it builds one plain compiled model and one bcc model per backend
+(compiled and eager), then times whole trajectories of every variant side by side,
+alternating, and reports medians:
+
+* ``plain``: the model as is (eager) or under ``torch.compile`` (same inductor options);
+* bcc at the schedules ``all`` (nothing reused: the gate's overhead), ``every-2``,
+  ``every-3`` and automatic schedules at compute budgets 0.7 and 0.5, per block
+  (``auto-F``, the paper) and step-level (``step-F``), swapped with
+  ``set_schedule`` so one compiled graph serves them all (the graph count is recorded).
+
+With each: the ideal speedup from the FLOPs the schedule executes, the efficiency
+(measured / ideal), the median per-step latency of computing steps, compile time (cold
+inductor cache), the caches' memory and the process's peak resident memory during a
+trajectory. Peers (DeepCache, diffusers' cache hooks) join through
+:mod:`bcc.tools.bench.peers`. Nothing here asserts: it measures and writes Markdown, JSON
+and a plot.
+
+Example (a few seconds)::
+
+    python -m bcc.tools.bench.speed --workloads unet-tiny --steps 4 --repeats 1 --out results/tmp/speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import bcc
+from bcc.plan.calibrate import block_flops
+from bcc.config import DEFAULT_INDUCTOR_OPTIONS
+
+from bcc.tools.bench.workloads import Workload, build_workload
+
+__all__ = ["main", "bench_workload", "SCHEDULES"]
+
+SCHEDULES = ("all", "every-2", "every-3", "auto-0.7", "auto-0.5", "step-0.7", "step-0.5")
+DENSE = ("auto-0.9", "auto-0.8", "auto-0.6", "auto-0.4", "step-0.9", "step-0.8", "step-0.6", "step-0.4", "step-0.3")
+
+
+class _StepTimer:
+    """Stands in for a denoiser and records the wall time of each call."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.times: list[float] = []
+        # sample() reads config/dtype/parameters from the denoiser it is given, and its
+        # calling convention from digits_arch.
+        self.config = getattr(fn, "config", None)
+        from bcc.tools.digits.model import denoiser_arch
+
+        self.digits_arch = denoiser_arch(fn) if isinstance(fn, torch.nn.Module) else None
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["fn"], name)
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.times.append(time.perf_counter() - t0)
+        return out
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """Samples the resident set every few ms on a side thread (CPU has no allocator peak counter)."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def schedules_for(w: Workload, names, profile) -> dict[str, bcc.Schedule]:
+    """The named schedules over the profile's blocks (``all``, ``every-N``, ``auto-F``, ``step-F``)."""
+    out = {}
+    blocks = profile.block_names
+    for key in names:
+        if key == "all":
+            s = bcc.Schedule.all_compute(w.steps, blocks)
+        elif key.startswith("every-"):
+            s = bcc.Schedule.every(int(key.split("-")[1]), w.steps, blocks)
+        elif key.startswith("auto-"):
+            s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]))
+        elif key.startswith("step-"):
+            s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]), granularity="step")
+        else:
+            raise ValueError(f"unknown schedule {key!r}; use all, every-N, auto-F (per block) or step-F "
+                             "(step-level: all blocks refresh together)")
+        out[key] = s
+    return out
+
+
+def _time_variants(w: Workload, variants: dict[str, tuple[Callable, Callable | None]], repeats: int, log) -> dict:
+    """Alternate whole trajectories of every variant ``repeats`` times; medians."""
+    totals = {k: [] for k in variants}
+    steps = {k: [] for k in variants}
+    for fn, before in variants.values():  # warm-up: first calls capture, compile, allocate
+        if before is not None:
+            before()
+        w.run(fn)
+    for r in range(repeats):
+        for key, (fn, before) in variants.items():
+            if before is not None:
+                before()
+            timer = _StepTimer(fn)
+            t0 = time.perf_counter()
+            w.run(timer)
+            totals[key].append(time.perf_counter() - t0)
+            steps[key].append(timer.times)
+        log(f"   repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in totals.items()))
+    return {k: {"trajectory_s": statistics.median(v), "all_s": v,
+                "step_s": [statistics.median(col) for col in zip(*steps[k])]} for k, v in totals.items()}
+
+
+def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager: bool = True,
+                   eager_schedules=("all", "auto-0.5"), specialize: bool = False, peers: bool | str = False,
+                   peer_sweep: str = "full", log=print) -> dict:
+    """Measure one workload; returns a JSON-able dict (see the module docstring).
+
+    ``peers``: ``False``, ``"eager"``, ``"compiled"`` (eager and compiled) or ``"auto"``
+    (compiled on the small trained models only: a peer's graph breaks make every setting
+    a fresh multi-graph compile, minutes each on the big configs).
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False  # compile times from cold, every run
+    log(f"== {w.name}: {w.describe}")
+    t0 = time.perf_counter()
+    profile = bcc.calibrate(w.model, lambda m, cond, seed: w.run(m, seed=seed), [0], seeds=[100, 101],
+                            blocks=w.blocks, scheduler=w.scheduler, progress=False)
+    calib_s = time.perf_counter() - t0
+    costs, rest = list(profile.block_flops), profile.rest_flops
+    sched = schedules_for(w, schedules, profile)
+    log(f"   calibrated {profile.num_blocks} blocks in {calib_s:.0f}s; fractions: "
+        + ", ".join(f"{k} {s.compute_fraction(costs, rest):.3f}" for k, s in sched.items()))
+
+    opts = dict(DEFAULT_INDUCTOR_OPTIONS)
+    plain_c = torch.compile(w.model, fullgraph=True, options=opts)
+    bcc_c = bcc.compile(w.model, sched["all"])
+    result: dict[str, Any] = {"workload": w.name, "describe": w.describe, "steps": w.steps,
+                              "blocks": list(profile.block_names), "calibration_s": calib_s,
+                              "block_flops": costs, "rest_flops": rest, "schedules": {}}
+    # Compile times: the first trajectory of each compiled model (the first call compiles).
+    comp = {}
+    for key, fn in (("plain", plain_c), ("bcc", bcc_c)):
+        t0 = time.perf_counter()
+        g0 = _graphs()
+        fn_timer = _StepTimer(fn)
+        w.run(fn_timer)
+        comp[key] = {"first_trajectory_s": time.perf_counter() - t0, "first_call_s": fn_timer.times[0],
+                     "graphs": _graphs() - g0}
+    log(f"   compile (first call): plain {comp['plain']['first_call_s']:.1f}s, bcc {comp['bcc']['first_call_s']:.1f}s")
+    result["compile"] = comp
+
+    def setter(model, s):
+        return lambda: model.set_schedule(s)
+
+    variants = {"plain": (plain_c, None)}
+    variants.update({f"bcc[{k}]": (bcc_c, setter(bcc_c, s)) for k, s in sched.items()})
+    if specialize:
+        # One graph per distinct row, compiled at first use: time that separately.
+        spec = bcc.compile(w.model, sched["all"], strategy="specialize")
+        t0 = time.perf_counter()
+        for s in sched.values():
+            spec.set_schedule(s)
+            w.run(spec)
+        rows = spec.bcc_stats()["graphs"]
+        comp["specialize"] = {"all_rows_s": time.perf_counter() - t0, "graphs": rows}
+        log(f"   specialize: {rows} distinct rows compiled in {comp['specialize']['all_rows_s']:.1f}s")
+        variants.update({f"spec[{k}]": (spec, setter(spec, s)) for k, s in sched.items()})
+    g0 = _graphs()
+    timed = _time_variants(w, variants, repeats, log)
+    result["graphs_during_timing"] = _graphs() - g0  # 0: every schedule reuses the one compiled graph
+    result["compiled"] = timed
+    if eager:
+        bcc_e = bcc.compile(w.model, sched["all"], backend="eager")
+        ev = {"plain": (w.model, None)}
+        ev.update({f"bcc[{k}]": (bcc_e, setter(bcc_e, sched[k])) for k in eager_schedules if k in sched})
+        result["eager"] = _time_variants(w, ev, repeats, log)
+    # Memory: one more trajectory per compiled variant, sampled outside the timed runs.
+    mem = {}
+    for key, (fn, before) in variants.items():
+        if before is not None:
+            before()
+        with _PeakRss() as m:
+            w.run(fn)
+        mem[key] = {"peak_rss_delta_mb": (m.peak - m.base) / 2**20, "peak_rss_mb": m.peak / 2**20}
+    result["cache_mb"] = bcc_c.bcc_stats()["cache_bytes"] / 2**20
+    result["memory"] = mem
+    result["schedules"] = {k: {"threshold": s.meta.get("threshold"), "mask": s.mask.int().tolist()}
+                           for k, s in sched.items()}
+    for k in sched:
+        for backend, t, key in (("compiled", result.get("compiled", {}), f"bcc[{k}]"),
+                                ("eager", result.get("eager", {}), f"bcc[{k}]"),
+                                ("specialize", result.get("compiled", {}), f"spec[{k}]")):
+            if key in t:
+                result["schedules"][k][backend] = {"speedup": t["plain"]["trajectory_s"] / t[key]["trajectory_s"]}
+    _rows(result, costs, rest)
+    if w.trained:
+        result["fidelity"] = _fidelity(w, bcc_c, sched, variants)
+    if peers:
+        from bcc.tools.bench.peers_bench import bench_peers, compare_with_bcc
+
+        compiled_peers = w.trained if peers == "auto" else peers in ("compiled", "compiled-only")
+        result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers,
+                                      eager=peers != "compiled-only", sweep=peer_sweep, log=log)
+        result["peer_comparison"] = compare_with_bcc(result)
+    return result
+
+
+def _fidelity(w: Workload, bcc_model, sched, variants) -> dict:
+    """Paired PSNR of each schedule against the plain model from the same noise."""
+    from bcc.tools.metrics import paired_report
+
+    ref = w.run(w.model)
+    out = {}
+    for k, s in sched.items():
+        bcc_model.set_schedule(s)
+        out[k] = paired_report(w.run(bcc_model), ref)
+    return out
+
+
+def _rows(result: dict, costs, rest) -> None:
+    """(Re)compute each schedule's fraction, ideal, speedups and efficiencies from its mask."""
+    for k, row in result["schedules"].items():
+        s = bcc.Schedule(torch.tensor(row["mask"], dtype=torch.bool), result["blocks"])
+        frac = s.compute_fraction(costs, rest)
+        row.update(compute_fraction=frac, ideal_speedup=1 / frac)
+        for backend in ("compiled", "eager", "specialize"):
+            if backend in row:
+                row[backend]["efficiency"] = row[backend]["speedup"] * frac
+
+
+def recost(out: Path, names) -> None:
+    """Recount the FLOP costs of random-weight workloads in ``out/speed.json`` with the
+    current counter and recompute fractions, ideals and efficiencies (the timings stay)."""
+    from bcc.tools import zoo
+    from bcc.tools.bench.speed_report import write_report
+    from bcc.tools.bench.workloads import _ZOO
+
+    data = json.loads((out / "speed.json").read_text())["workloads"]
+    for name in names:
+        r = data[name]
+        zoo_name, default, *_ = _ZOO[name]
+        model, args, kwargs = zoo.build(zoo_name, latent=int(r.get("latent") or default), batch=int(r.get("batch") or 2))
+        costs, rest = block_flops(model, args, kwargs, r["blocks"])
+        r.update(block_flops=costs, rest_flops=rest, recosted=(
+            "FLOP costs recounted after the run with attention counted (the run's counter rated the fused "
+            "CPU attention kernel as free); timings unchanged"))
+        _rows(r, costs, rest)
+    write_report(data, out)
+
+
+def main(argv=None) -> int:
+    from bcc.tools.bench.speed_report import write_report
+
+    ap = argparse.ArgumentParser(prog="bcc bench speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", nargs="+", default=["sd15", "pixart-alpha", "digits-unet", "digits-dit"])
+    ap.add_argument("--latent", type=int, default=None, help="latent side for the random-weight models")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager timings")
+    ap.add_argument("--specialize", action="store_true",
+                    help="also time strategy='specialize' (one compiled graph per distinct schedule row)")
+    ap.add_argument("--peers", choices=["none", "eager", "compiled", "compiled-only", "auto"], default="none",
+                    help="also time the peers (DeepCache on UNets, diffusers' cache hooks on DiTs); 'auto' "
+                    "compiles them on the digits models only")
+    ap.add_argument("--peer-sweep", choices=["full", "short"], default="full",
+                    help="'short': two settings per peer (for the big configurations)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="results/speed")
+    ap.add_argument("--merge", action="store_true", help="keep OUT/speed.json's other workloads")
+    ap.add_argument("--recost", action="store_true",
+                    help="only recount the FLOP costs of --workloads in OUT/speed.json (no timing)")
+    args = ap.parse_args(argv)
+    if args.recost:
+        recost(Path(args.out), args.workloads)
+        return 0
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bcc.tools.bench.speed " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict[str, Any] = {}
+    if args.merge and (out / "speed.json").exists():
+        results = json.loads((out / "speed.json").read_text())["workloads"]
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    for name in args.workloads:
+        w = build_workload(name, latent=args.latent, steps=args.steps)
+        schedules = list(args.schedules)
+        if args.peers != "none" and w.trained:
+            # A denser bcc curve, so each peer meets a bcc schedule of at least its fidelity.
+            schedules += [k for k in DENSE if k not in schedules]
+        r = bench_workload(w, schedules=schedules, repeats=args.repeats, eager=not args.no_eager,
+                           specialize=args.specialize, peers=False if args.peers == "none" else args.peers,
+                           peer_sweep=args.peer_sweep, log=log)
+        r.update(command=command, threads=args.threads, torch=torch.__version__)
+        results[name] = r
+        write_report(results, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
