@@ -2,17 +2,21 @@
 
 ``bcc.compile(model, schedule)`` rewrites a denoiser so that each cached block either
 recomputes or reuses its output from an earlier step, as a step-indexed branch on a
-schedule tensor inside one compiled graph.
+schedule tensor inside one compiled graph. ``bcc.compile(pipe, bcc.Plan(profile,
+budget=0.6))`` does it for a whole diffusers pipeline, whose scheduler then says the
+step of every denoiser call, at any step count.
 """
 from bcc.api import compile, find_blocks
 from bcc.lower.backend import _register as _register_backend
-from bcc.plan.calibrate import calibrate
+from bcc.plan.calibrate_pipeline import calibrate
+from bcc.plan.budget import Plan
 from bcc.config import BccConfig
 from bcc.scale_shift.train import train_scale_shift
 from bcc.errors import BccError, BccInternalError, ErrorCode
 from bcc.lower.export import ExportedDenoiser, export, load_exported, save_exported
 from bcc.plan.profile import ChangeProfile
 from bcc.runtime.module import BccModule
+from bcc.runtime.stepper import CallCounter, StepRef, TrajectoryMarker
 from bcc.scale_shift.params import ScaleShift
 from bcc.plan.schedule import Schedule
 
@@ -29,8 +33,12 @@ __all__ = [
     "BccError",
     "BccInternalError",
     "BccModule",
+    "StepRef",
+    "CallCounter",
     "ErrorCode",
     "Schedule",
+    "Plan",
+    "TrajectoryMarker",
     "ScaleShift",
     "train_scale_shift",
 ]

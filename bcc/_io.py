@@ -1,9 +1,11 @@
-"""Atomic JSON files with a format name and version."""
+"""Atomic JSON files with a format name and version, and read-only JSON-like values."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,40 @@ def read_json(path: str | os.PathLike, fmt: str, version: int) -> dict[str, Any]
             "Recreate the file with this version of bcc.",
         )
     return payload
+
+
+def freeze(value: Any) -> Any:
+    """A read-only deep copy of JSON-like data: dicts become read-only mappings, lists tuples.
+
+    Frozen records (``Schedule.meta``, ``ChangeProfile.extra``) hold provenance given
+    by the caller; copying it frozen means neither the caller's dict nor a reader can
+    change a record after it was validated.
+
+    Example:
+        >>> m = freeze({"a": [1, {"b": 2}]})
+        >>> m["a"]
+        (1, mappingproxy({'b': 2}))
+        >>> m["x"] = 1
+        Traceback (most recent call last):
+        ...
+        TypeError: 'mappingproxy' object does not support item assignment
+    """
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """The plain, JSON-serialisable copy of :func:`freeze`'s output (mappings to dicts, tuples to lists).
+
+    Example:
+        >>> thaw(freeze({"a": [1, {"b": 2}]}))
+        {'a': [1, {'b': 2}]}
+    """
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BccError", "BccInternalError", "ErrorCode"]
+__all__ = ["BccError", "BccInternalError", "BccWarning", "ErrorCode"]
 
 
 class ErrorCode(str, enum.Enum):
@@ -27,6 +27,7 @@ class ErrorCode(str, enum.Enum):
     STEP_OVERFLOW = "BCC401"
     STEP_MISMATCH = "BCC402"
     SIGNATURE_CHANGED = "BCC403"
+    STEP_UNTRACKED = "BCC404"
     PROFILE_MISMATCH = "BCC501"
     THRESHOLD_INVALID = "BCC502"
     BUDGET_UNREACHABLE = "BCC503"
@@ -58,6 +59,21 @@ class BccError(Exception):
         self.code = code
         self.message = message
         super().__init__(f"[{code.value}] {message}")
+
+
+class BccWarning(UserWarning):
+    """Something bcc handled conservatively that the caller may want to change (e.g. a
+    block output whose residual base it cannot tell, cached whole instead). Filter it
+    like any warning: ``warnings.simplefilter("error", BccWarning)`` makes it raise.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("cached whole", BccWarning)
+        >>> w[0].category.__name__
+        'BccWarning'
+    """
 
 
 class BccInternalError(RuntimeError):

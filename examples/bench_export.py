@@ -35,9 +35,8 @@ def _setup(name: str, latent: int, batch: int, steps: int):
 
     model, args, kwargs = zoo.build(name, latent=latent, batch=batch)
     schedule = bcc.Schedule.every(2, steps, bcc.find_blocks(model, (args, kwargs)))
-    _n, extra, _l, _b = model._bcc_zoo
-    inputs = [zoo.step_inputs(name, model, extra, latent=latent, batch=batch, step=s, num_steps=steps)
-              for s in range(steps)]
+    spec = zoo.spec_of(model)
+    inputs = [spec.step_inputs(model, step=s, num_steps=steps) for s in range(steps)]
     return model, schedule, inputs
 
 

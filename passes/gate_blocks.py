@@ -6,8 +6,9 @@ For block ``i`` the graph computes::
     outs, new_cache = cond(row[0, i], recompute, reuse, (cache..., block_inputs...))
 
 ``recompute`` runs the block and returns its outputs plus what to cache (the
-residual ``out - x`` or the whole output); ``reuse`` rebuilds the outputs from the
-cache. Caches are threaded functionally: they enter as placeholders and leave as
+residual ``out - x``, where ``x`` is the input on the block's identity path as
+:mod:`bcc.analyze.residual` decides, or the whole output); ``reuse`` rebuilds the
+outputs from the cache. Caches are threaded functionally: they enter as placeholders and leave as
 extra outputs, so the branches mutate nothing and the graph stays exportable.
 """
 from __future__ import annotations
@@ -15,70 +16,58 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from bcc.analyze.residual import decide_residuals, fx_dataflow
 from bcc.errors import BccInternalError
-
-from bcc.scale_shift.params import batch_broadcast_shape
+from bcc.scale_shift.layout import CacheSlot, batch_broadcast_shape
 
 from bcc.passes.annotate_blocks import BLOCKS, META
+from bcc.passes.lift_weights import WEIGHTS
 from bcc.passes.outline_blocks import PREFIX
+
+__all__ = ["CacheSlot", "GateBlocksPass", "SLOTS"]
 
 SLOTS = "bcc_cache_slots"
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class CacheSlot:
-    """One cached tensor: output ``output`` of block ``block``.
-
-    ``base`` is the index of the block input the residual is taken against, or
-    ``None`` when the whole output is cached.
-    """
-
-    block: str
-    output: int
-    base: int | None
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
 
 
 def _val(node: fx.Node):
     return node.meta.get("val")
 
 
-def _choose_bases(sub: fx.GraphModule, mode: str) -> list[int | None]:
-    """For each block output, the input it is a residual of (or None)."""
-    inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    outputs = list(sub.graph.output_node().args[0])
-    if mode == "output":
-        return [None] * len(outputs)
-    g = nx.DiGraph((i, n) for n in sub.graph.nodes for i in n.all_input_nodes)
-    bases: list[int | None] = []
-    for out in outputs:
-        ov = _val(out)
-        best = None
-        for idx, inp in enumerate(inputs):
-            iv = _val(inp)
-            if not isinstance(iv, torch.Tensor) or not isinstance(ov, torch.Tensor):
-                continue
-            if tuple(iv.shape) != tuple(ov.shape) or iv.dtype != ov.dtype or idx in bases:
-                continue
-            # Among inputs shaped like the output, the residual stream is the one
-            # nearest to it (a chain of skip adds); a cross-attention context of the
-            # same shape is many ops away.
-            try:
-                dist = nx.shortest_path_length(g, inp, out)
-            except (nx.NetworkXNoPath, nx.NodeNotFound):
-                continue
-            if best is None or dist < best[0]:
-                best = (dist, idx)
-        bases.append(None if best is None else best[1])
-    return bases
+@dataclass
+class _Plan:
+    """One block being gated: its call, its subgraph, a slot per output and their inputs."""
+
+    node: fx.Node
+    sub: fx.GraphModule
+    slots: list[CacheSlot]
+    caches: list[fx.Node]
+    tables: list[fx.Node]
+
+    @property
+    def bases(self) -> list[int | None]:
+        return [s.base for s in self.slots]
+
+
+def _slots(name: str, node: fx.Node, sub: fx.GraphModule, mode: str, weights: set[fx.Node]) -> list[CacheSlot]:
+    """A slot per block output, its residual base decided by :mod:`bcc.analyze.residual`
+    (the rule the hook reference, calibration and training use too)."""
+    outs = list(sub.graph.output_node().args[0])
+    # Weights the block reads from outside its region (a get_attr in the parent graph, or
+    # lifted to a graph input for export) reach it as operands, but they are not block
+    # inputs to the rule: an eager call of the block does not pass them.
+    constants = {k for k, a in enumerate(node.args) if a.op == "get_attr" or a in weights}
+    slots = []
+    for d, out in zip(decide_residuals(fx_dataflow(sub, constants), block=name, mode=mode), outs):
+        v = _val(out)
+        if not isinstance(v, torch.Tensor):
+            raise BccInternalError(f"block {name!r} output {d.output} has no tensor metadata: {out.format_node()}")
+        slots.append(CacheSlot(name, d.output, d.base, tuple(int(x) for x in v.shape), v.dtype, v.device, d.stream))
+    return slots
 
 
 def _contiguous(g: fx.Graph, node: fx.Node, like: fx.Node | None = None) -> fx.Node:
@@ -188,33 +177,26 @@ class GateBlocksPass(PassBase):
         graph = gm.graph
         names = gm.meta[BLOCKS]
         calls = {n.meta[META]: n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith(PREFIX)}
-        first = next(n for n in graph.nodes if n.op == "placeholder")
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        # LiftWeightsPass appends one placeholder per weight, last.
+        lifted = len(gm.meta.get(WEIGHTS, ()))
+        weights = set(placeholders[len(placeholders) - lifted:]) if lifted else set()
+        first = placeholders[0]
         with graph.inserting_before(first):
             schedule = graph.placeholder("bcc_schedule")
             step = graph.placeholder("bcc_step")
-        slots: list[CacheSlot] = []
-        cache_nodes: list[list[fx.Node]] = []
-        plans = []
+        plans: list[_Plan] = []
         for i, name in enumerate(names):
             node = calls[name]
             sub = gm.get_submodule(str(node.target))
-            bases = _choose_bases(sub, self.mode)
-            outs = list(sub.graph.output_node().args[0])
-            nodes = []
+            slots = _slots(name, node, sub, self.mode, weights)
             with graph.inserting_before(first):
-                for j, (out, base) in enumerate(zip(outs, bases)):
-                    v = _val(out)
-                    if not isinstance(v, torch.Tensor):
-                        raise BccInternalError(f"block {name!r} output {j} has no tensor metadata")
-                    slots.append(CacheSlot(name, j, base, tuple(int(d) for d in v.shape), v.dtype, v.device))
-                    nodes.append(graph.placeholder(f"bcc_cache_{i}_{j}"))
-            cache_nodes.append(nodes)
-            plans.append((node, sub, bases))
-        ss_nodes: list[list[fx.Node]] = []
-        for i, nodes in enumerate(cache_nodes):
-            with graph.inserting_before(first):
-                ss_nodes.append([graph.placeholder(f"bcc_ss_{i}_{j}") for j in range(len(nodes))]
-                                if self.scale_shift else [])
+                caches = [graph.placeholder(f"bcc_cache_{i}_{j}") for j in range(len(slots))]
+            plans.append(_Plan(node, sub, slots, caches, []))
+        if self.scale_shift:
+            for i, plan in enumerate(plans):
+                with graph.inserting_before(first):
+                    plan.tables = [graph.placeholder(f"bcc_ss_{i}_{j}") for j in range(len(plan.slots))]
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
         with graph.inserting_after(last):
             step1 = graph.call_function(aten.reshape.default, (step, [1]))
@@ -223,10 +205,11 @@ class GateBlocksPass(PassBase):
         with graph.inserting_after(row):
             row = graph.call_function(aten.select.int, (row, 0, 0))
         new_caches: list[fx.Node] = []
-        for i, (node, sub, bases) in enumerate(plans):
+        for i, plan in enumerate(plans):
+            node = plan.node
             n_in = len(node.args)
-            true_gm = _branch(sub, n_in, bases, recompute=True, scale_shift=self.scale_shift)
-            false_gm = _branch(sub, n_in, bases, recompute=False, scale_shift=self.scale_shift)
+            true_gm = _branch(plan.sub, n_in, plan.bases, recompute=True, scale_shift=self.scale_shift)
+            false_gm = _branch(plan.sub, n_in, plan.bases, recompute=False, scale_shift=self.scale_shift)
             true_name, false_name = f"bcc_recompute_{i}", f"bcc_reuse_{i}"
             gm.add_submodule(true_name, true_gm)
             gm.add_submodule(false_name, false_gm)
@@ -237,14 +220,14 @@ class GateBlocksPass(PassBase):
                 operands = tuple(a if a.op == "get_attr" else _contiguous(graph, a) for a in node.args)
                 pred = graph.call_function(aten.select.int, (row, 0, i))
                 # This step's [1, 2, B, C] rows are picked outside the branch, like the predicate.
-                ss_rows = tuple(graph.call_function(aten.index_select.default, (t, 0, step1)) for t in ss_nodes[i])
+                ss_rows = tuple(graph.call_function(aten.index_select.default, (t, 0, step1)) for t in plan.tables)
                 t_attr = graph.get_attr(true_name)
                 f_attr = graph.get_attr(false_name)
                 cond = graph.call_function(
                     torch.ops.higher_order.cond,
-                    (pred, t_attr, f_attr, tuple(cache_nodes[i]) + ss_rows + operands),
+                    (pred, t_attr, f_attr, tuple(plan.caches) + ss_rows + operands),
                 )
-                n_out = len(bases)
+                n_out = len(plan.slots)
                 getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(2 * n_out)]
             cond.meta[META] = node.meta[META]
             for user in list(node.users):
@@ -257,7 +240,7 @@ class GateBlocksPass(PassBase):
             new_caches.extend(getters[n_out:])
         out_node = graph.output_node()
         out_node.args = (tuple(out_node.args[0]) + tuple(new_caches),)
-        gm.meta[SLOTS] = slots
+        gm.meta[SLOTS] = [slot for plan in plans for slot in plan.slots]
         graph.lint()
         gm.recompile()
         return PassResult(gm, bool(names))

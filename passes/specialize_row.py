@@ -7,6 +7,9 @@ graph per distinct row is the alternative DESIGN.md §3 names for CUDA graphs
 (``mode="reduce-overhead"`` cannot capture a data-dependent branch); the runtime picks
 the graph for the step's row on the host. The inputs stay those of the gated graph
 (schedule and step included, unused) so both forms are called the same way.
+
+It is not in :data:`bcc.passes.DEFAULT_PASSES`: it runs per row, on a copy of their
+result, through :func:`bcc.passes.specialize`.
 """
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ __all__ = ["SpecializeRowPass", "specialized"]
 
 
 def _block_index(cond: fx.Node) -> int:
-    # GateBlocksPass makes each predicate ``select(row, 0, i)``.
+    # GateBlocksPass makes each predicate ``select(row, 0, i)``; OwnPredicatesPass wraps
+    # it in ``eq(..., True)``.
     pred = cond.args[0]
+    if isinstance(pred, fx.Node) and pred.target is torch.ops.aten.eq.Scalar:
+        pred = pred.args[0]
     if not (isinstance(pred, fx.Node) and pred.target is torch.ops.aten.select.int):
         raise BccInternalError(f"cond {cond.name} has no schedule-column predicate")
     return int(pred.args[2])

@@ -12,13 +12,12 @@ def main(schedule_path: str, out_prefix: str) -> None:
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     model, _, _ = zoo.build("unet-tiny", latent=8, batch=2)
-    _, extra, latent, batch = model._bcc_zoo
+    spec = zoo.spec_of(model)
     schedule = bcc.Schedule.load(schedule_path)
 
     def sample(m, cond, seed):
         for step in range(schedule.num_steps):
-            a, k = zoo.step_inputs("unet-tiny", m, extra, latent=latent, batch=batch, step=step, seed=seed,
-                                   num_steps=schedule.num_steps)
+            a, k = spec.step_inputs(m, step=step, seed=seed, num_steps=schedule.num_steps)
             m(*a, **k)
 
     ss = bcc.train_scale_shift(model, schedule, sample, [None], iterations=3, kind="table", progress=False)

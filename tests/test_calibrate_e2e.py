@@ -77,7 +77,8 @@ def test_digits_all_compute_equals_uncached(digits_setup):
 def test_pixart_zoo_end_to_end():
     name, steps = "pixart", 6
     model, _, _ = zoo.build(name, latent=8, batch=2, seed=0)
-    _, extra, latent, batch = model._bcc_zoo
+    spec = zoo.spec_of(model)
+    extra, latent, batch = spec.extra, spec.latent, spec.batch
 
     def inputs(seed):
         return [zoo.step_inputs(name, model, extra, latent=latent, batch=batch, step=s, seed=seed, num_steps=steps)

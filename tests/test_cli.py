@@ -44,7 +44,7 @@ def test_calibrate_zoo(profile_path):
     p = ChangeProfile.load(profile_path)
     assert p.num_steps == 5 and p.num_runs == 2 and p.num_blocks == 4
     assert p.block_flops is not None and p.rest_flops > 0
-    assert p.extra["cli"]["model"] == "zoo:unet-tiny" and p.extra["cli"]["seeds"] == [0, 1]
+    assert p.extra["cli"]["model"] == "zoo:unet-tiny" and p.extra["cli"]["seeds"] == (0, 1)  # read-only: lists read back as tuples
     assert profile_path.with_suffix(".png").stat().st_size > 5_000
 
 

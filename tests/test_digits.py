@@ -42,14 +42,14 @@ def test_cached_model_keeps_fidelity_and_a_stale_cache_fails(digits):
     good = paired_report(run(fast), ref, labels=labels)
     assert _passes_floors(good), good
 
-    # Fault injection: reuse at step 0, i.e. serve caches left by another trajectory
-    # (other labels, other noise). The public Schedule refuses such a mask (BCC103),
-    # so it is planted behind the API; the floors must catch it.
+    # Fault injection: every block replays its step-0 value for the whole trajectory.
+    # (Caches left by another trajectory cannot be served: the stepper recomputes every
+    # block at a stream's first call.) The floors must catch it.
     run(fast, labels=(labels + 3) % 10, seed=1)
-    for entry in fast._bcc_entries.values():
-        stale = entry.schedule.clone()
-        stale[0] = False
-        entry.schedule = stale
+    names = fast.bcc_blocks
+    stale = torch.zeros(STEPS, len(names), dtype=torch.bool)
+    stale[0] = True
+    fast.set_schedule(bcc.Schedule(stale, names))
     bad = paired_report(run(fast), ref, labels=labels)
     assert not _passes_floors(bad), bad
 

@@ -102,10 +102,11 @@ def test_baked_schedule_round_trip(aoti_package, tmp_path):
 
 
 def test_swapping_the_schedule_input_changes_which_blocks_run():
-    # Toy: b0 doubles (residual = its input), b1 adds 10 (residual 10), output + t.
-    ep = bcc.export(Toy(), Schedule.all_compute(2, ["b0", "b1"]), ((torch.ones(2), torch.tensor(0.0)), {}))
+    # Toy: b0 doubles, b1 adds 10, output + t; output mode caches whole block outputs.
+    ep = bcc.export(Toy(), Schedule.all_compute(2, ["b0", "b1"]), ((torch.ones(2), torch.tensor(0.0)), {}),
+                    mode="output")
     runner = bcc.ExportedDenoiser.from_program(ep)
-    program = runner._stepper.fn
+    program = runner.stepper.program.fn
     x0, x1, t = torch.full((2,), 1.0), torch.full((2,), 5.0), torch.tensor(0.0)
 
     def trajectory():
@@ -113,10 +114,10 @@ def test_swapping_the_schedule_input_changes_which_blocks_run():
 
     assert trajectory() == [12.0, 20.0]
     runner.set_schedule(Schedule(torch.tensor([[True, True], [False, True]]), ["b0", "b1"]))
-    assert trajectory() == [12.0, 16.0]  # b0 replays residual 1: 5 + 1 + 10
+    assert trajectory() == [12.0, 12.0]  # b0 replays its step-0 output 2: 2 + 10
     runner.set_schedule(Schedule(torch.tensor([[True, True], [True, False]]), ["b1", "b0"]))  # columns by name
-    assert trajectory() == [12.0, 16.0]
-    assert runner._stepper.fn is program
+    assert trajectory() == [12.0, 12.0]
+    assert runner.stepper.program.fn is program  # the loaded program, not a rebuilt one
 
 
 def test_aoti_package_round_trip_in_a_fresh_process(aoti_package, tmp_path):
@@ -198,3 +199,22 @@ def test_cli_export_writes_a_loadable_artifact(tmp_path, capsys):
     assert main(["export", "--model", "zoo:dit", "--schedule", str(tmp_path / "other.json"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bcc: error: [BCC302]") and err.count("\n") == 1
+
+
+def test_format_1_metadata_still_loads_and_a_mismatch_names_the_argument(tmp_path):
+    x, t = torch.ones(2), torch.tensor(0.0)
+    schedule = Schedule(torch.tensor([[True, True], [False, True]]), ["b0", "b1"])
+    path = bcc.save_exported(bcc.export(Toy(), schedule, ((x, t), {})), tmp_path / "toy.pt2")
+    meta = tmp_path / "toy.bcc.json"
+    payload = json.loads(meta.read_text())
+    assert payload["version"] == 2 and payload["signature"]["leaves"][0]["name"] == "args[0]"
+    # bcc's first export format kept the signature as nested lists.
+    old = [payload["signature"]["structure"],
+           [["T", leaf["shape"], f"torch.{leaf['dtype']}", leaf["device"], None] for leaf in payload["signature"]["leaves"]]]
+    meta.write_text(json.dumps({**payload, "version": 1, "signature": old}))
+    runner = bcc.load_exported(path)
+    want = run(bcc.compile(Toy(), schedule, backend="eager"), [((x, t), {}), ((3 * x, t), {})])
+    for g, w in zip(run(runner, [((x, t), {}), ((3 * x, t), {})]), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with pytest.raises(bcc.BccError, match=r"BCC703.*dtype float32 -> float64"):
+        runner(x.double(), t)

@@ -62,7 +62,8 @@ def _guided(value, key, batch):
 
 
 def _trajectory(name, model, num_steps, batch, guidance):
-    _n, extra, latent, _b = model._bcc_zoo
+    spec = zoo.spec_of(model)
+    extra, latent = spec.extra, spec.latent
     steps = []
     for s in range(num_steps):
         args, kwargs = zoo.step_inputs(name, model, extra, latent=latent, batch=batch, step=s, num_steps=num_steps)

@@ -67,19 +67,30 @@ def test_gate_golden_graph():
     getitem_5 = cond_1[1];  cond_1 = None
     add_1 = torch.ops.aten.add.Tensor(getitem_4, t);  getitem_4 = t = None
     return (add_1, getitem_3, getitem_5)"""
+    # b0 (2x) has no identity path, so its whole output is cached; b1 (x + 10) is a residual block.
     assert _code(gm.bcc_reuse_0) == """def forward(self, cache_0, x_0):
+    clone_default = torch.ops.aten.clone.default(cache_0)
+    clone_default_1 = torch.ops.aten.clone.default(cache_0);  cache_0 = None
+    return (clone_default, clone_default_1)"""
+    assert _code(gm.bcc_recompute_0) == """def forward(self, cache_0, x_0):
+    block = self.block(x_0);  x_0 = None
+    getitem = block[0];  block = None
+    contiguous_default = torch.ops.aten.contiguous.default(getitem);  getitem = None
+    clone_default = torch.ops.aten.clone.default(contiguous_default)
+    return (contiguous_default, clone_default)"""
+    assert _code(gm.bcc_reuse_1) == """def forward(self, cache_0, x_0):
     add_tensor = torch.ops.aten.add.Tensor(x_0, cache_0);  x_0 = None
     contiguous_default = torch.ops.aten.contiguous.default(add_tensor);  add_tensor = None
     clone_default = torch.ops.aten.clone.default(cache_0);  cache_0 = None
     return (contiguous_default, clone_default)"""
-    assert _code(gm.bcc_recompute_0) == """def forward(self, cache_0, x_0):
+    assert _code(gm.bcc_recompute_1) == """def forward(self, cache_0, x_0):
     block = self.block(x_0)
     getitem = block[0];  block = None
     contiguous_default = torch.ops.aten.contiguous.default(getitem);  getitem = None
     sub_tensor = torch.ops.aten.sub.Tensor(contiguous_default, x_0);  x_0 = None
     return (contiguous_default, sub_tensor)"""
     slots = gm.meta["bcc_cache_slots"]
-    assert [(s.block, s.output, s.base, s.shape) for s in slots] == [("b0", 0, 0, (2, 3)), ("b1", 0, 0, (2, 3))]
+    assert [(s.block, s.output, s.base, s.shape) for s in slots] == [("b0", 0, None, (2, 3)), ("b1", 0, 0, (2, 3))]
 
 
 def test_gate_output_mode_has_no_residual_arithmetic():

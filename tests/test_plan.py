@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 import bcc
 from bcc import BccError, ChangeProfile, ErrorCode, Schedule
-from bcc.plan.planner import for_budget, from_change
+from bcc.plan.planner import PlannedMask, compute_fraction, plan_for_budget, plan_from_change
+
+from_change, for_budget = Schedule.from_change, Schedule.for_budget
 
 
 def _profile(cols, flops=None, rest=0.0):
@@ -208,3 +210,37 @@ def test_unknown_granularity_says_what_exists():
     p = ChangeProfile(torch.zeros(3, 1), ["a"])
     with pytest.raises(BccError, match="granularity must be one of"):
         from_change(p, 0.1, granularity="layer")
+
+
+def test_planner_returns_plain_data_that_schedule_wraps():
+    # The planner never builds a Schedule (schedule -> planner, not back): Schedule wraps its plans.
+    p = _profile([[0.0, 0.2, 0.2, 0.2], [0.0, 0.9, 0.9, 0.9]], flops=[3.0, 1.0], rest=2.0)
+    plan = plan_for_budget(p, 0.9)
+    assert isinstance(plan, PlannedMask) and plan.mask.dtype == torch.bool
+    s = for_budget(p, 0.9)
+    assert torch.equal(s.mask, plan.mask) and dict(s.meta) == dict(plan.meta)
+    assert s.block_names == p.block_names and s.block_costs == p.block_flops and s.rest_cost == 2.0
+    assert s.compute_fraction() == compute_fraction(plan.mask, p.block_flops, 2.0)
+    assert plan.meta["target_fraction"] == 0.9 and plan.threshold == plan.meta["threshold"]
+    assert torch.equal(Schedule.from_plan(p, plan_from_change(p, 0.3)).mask, from_change(p, 0.3).mask)
+
+
+def test_profile_is_immutable_and_copies_its_inputs():
+    l1 = torch.tensor([[0.0], [0.2]], dtype=torch.float64)
+    extra = {"cli": {"seeds": [0, 1]}}
+    p = ChangeProfile(l1, ["a"], scheduler={"name": "DDIMScheduler", "config": {}}, extra=extra)
+    l1[1, 0] = 9.0
+    extra["cli"]["seeds"].append(2)
+    assert float(p.l1_rel[1, 0]) == 0.2 and p.extra["cli"]["seeds"] == (0, 1)
+    with pytest.raises(TypeError):
+        p.extra["cli"]["steps"] = 5
+    with pytest.raises(TypeError):
+        p.scheduler["name"] = "other"
+    q = p.with_extra(note="x")
+    assert q.extra["note"] == "x" and "note" not in p.extra and q.extra["cli"] == p.extra["cli"]
+    assert json.loads(json.dumps(q.to_dict()))["extra"] == {"cli": {"seeds": [0, 1]}, "note": "x"}
+    import copy
+    import pickle
+
+    for r in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert r.extra == q.extra and torch.equal(r.l1_rel, q.l1_rel)

@@ -8,7 +8,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import bcc
 from bcc import BccError, ErrorCode, Schedule, ScaleShift
 from bcc.runtime.reference import HookReference
-from bcc.scale_shift.params import SlotSpec
+from bcc.scale_shift.layout import CacheSlot
 
 from testing import Toy, ToyTwoOut, built, run, trajectory_inputs
 
@@ -20,10 +20,18 @@ def _steps(n, shape=(2, 3)):
     return [(torch.randn(shape, generator=g), torch.tensor(float(100 - s))) for s in range(n)]
 
 
+def _toy_slots(mode="residual"):
+    """Toy's cached tensors: b0 = 2x has no identity path (cached whole), b1 = x + 10 is a
+    residual of its one input (stream 0) in residual mode."""
+    b1 = CacheSlot("b1", 0, 0, (2, 3), stream=0) if mode == "residual" else CacheSlot("b1", 0, None, (2, 3))
+    return [CacheSlot("b0", 0, None, (2, 3)), b1]
+
+
 def _toy_ss(schedule, mode="residual"):
     """gamma = 0.5 * (step + 1), beta = -step on every channel of both blocks."""
-    ss = ScaleShift.identity(schedule, [SlotSpec("b0", 0, 3, 2), SlotSpec("b1", 0, 3, 2)], kind="table", mode=mode)
-    assert ss.slots[0].matches("b0", (2, 3)) and not ss.slots[0].matches("b1", (2, 3))
+    ss = ScaleShift.identity(schedule, _toy_slots(mode), kind="table", mode=mode)
+    # Slots pair by block and stream (or shape when cached whole), at any batch size.
+    assert ss.index_of(CacheSlot("b0", 0, None, (7, 3))) == 0 and ss.index_of(_toy_slots(mode)[1]) == 1
     with torch.no_grad():
         for table in ss.table:
             for s in range(schedule.num_steps):
@@ -33,15 +41,15 @@ def _toy_ss(schedule, mode="residual"):
 
 
 def _expected(mask, steps, mode, gb=lambda s: (1 + 0.5 * (s + 1), -float(s))):
-    """Toy (b0 = 2x, b1 = x + 10) with the corrections of _toy_ss (or ``gb``), by hand."""
+    """Toy (b0 = 2x, cached whole; b1 = x + 10) with the corrections of _toy_ss (or ``gb``), by hand."""
     outs, c0, c1 = [], None, None
     for s, (x, t) in enumerate(steps):
         g, b = gb(s)
         if mask[s, 0]:
             h = x * 2
-            c0 = h - x if mode == "residual" else h
+            c0 = h
         else:
-            h = x + (g * c0 + b) if mode == "residual" else g * c0 + b
+            h = g * c0 + b
         if mask[s, 1]:
             h2 = h + 10
             c1 = h2 - h if mode == "residual" else h2
@@ -70,7 +78,7 @@ def test_identity_scale_shift_reproduces_naive_caching_bitwise():
     naive = run(bcc.compile(model, schedule, backend="eager"), traj)
     probe = bcc.compile(model, schedule, backend="eager")
     run(probe, traj[:1])
-    ss = ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots, model=model)
+    ss = ScaleShift.for_graph(schedule, probe.bcc_slots(), model=model)
     with_ss = run(bcc.compile(model, schedule, backend="eager", scale_shift=ss), traj)
     for a, b in zip(naive, with_ss):
         assert torch.equal(a, b)
@@ -87,7 +95,7 @@ def test_compiled_scale_shift_equals_hook_reference_with_random_tables(name):
     traj = trajectory_inputs(name, model, 6)
     probe = bcc.compile(model, schedule, backend="eager")
     run(probe, traj[:1])
-    ss = ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots, model=model)
+    ss = ScaleShift.for_graph(schedule, probe.bcc_slots(), model=model)
     with torch.no_grad():
         for t in ss.table:
             t.copy_(0.2 * torch.randn(t.shape, generator=g))
@@ -106,13 +114,16 @@ def test_compiled_scale_shift_equals_hook_reference_with_random_tables(name):
     assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(naive, want))  # the tables did something
 
 
-def test_two_output_block_gets_a_correction_per_stream():
+@pytest.mark.parametrize("ctx_width", [5, 3])
+def test_two_output_block_gets_a_correction_per_stream(ctx_width):
+    # Width 5: the streams differ in shape (Flux: text vs image tokens); width 3: they do not
+    # (Flux with as many text as image tokens), and the residual streams still tell them apart.
     schedule = Schedule.every(2, 4, ["pair"])
     model = ToyTwoOut()
-    x, ctx = torch.randn(2, 3), torch.randn(2, 5)  # streams of different widths (Flux: text vs image)
+    x, ctx = torch.randn(2, 3), torch.randn(2, ctx_width)
     probe = bcc.compile(model, schedule, backend="eager")
     probe(x, ctx, torch.tensor(1.0))
-    ss = ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots)
+    ss = ScaleShift.for_graph(schedule, probe.bcc_slots())
     with torch.no_grad():
         ss.table[0][:, 0] = 1.0   # stream 0: doubled
         ss.table[1][:, 1] = 5.0   # stream 1: shifted
@@ -127,14 +138,16 @@ def test_two_output_block_gets_a_correction_per_stream():
         torch.testing.assert_close(a, b)
 
 
-def test_block_with_two_outputs_of_one_shape_is_refused():
+def test_block_whose_two_outputs_share_a_stream_is_refused():
+    # One tensor passed as both streams: both outputs are residuals of it, so nothing
+    # tells their corrections apart.
     schedule = Schedule.every(2, 4, ["pair"])
     model = ToyTwoOut()
     x = torch.randn(2, 3)
     probe = bcc.compile(model, schedule, backend="eager")
     probe(x, x, torch.tensor(1.0))
     with pytest.raises(BccError) as e:
-        ScaleShift.for_graph(schedule, probe._bcc_current.lowered.slots).tables_for(probe._bcc_current.lowered.slots)
+        ScaleShift.for_graph(schedule, probe.bcc_slots()).tables_for(probe.bcc_slots())
     assert e.value.code is ErrorCode.SCALE_SHIFT_MISMATCH
     with pytest.raises(BccError) as e:
         bcc.train_scale_shift(model, schedule, lambda m, c, s: [m(x, x, torch.tensor(1.0)) for _ in range(4)], [None],
@@ -389,7 +402,7 @@ def test_export_bakes_scale_shift_and_matches_compile(tmp_path):
 
 def _grouped_ss(schedule):
     """Two guidance halves (rows 0 and 1 of a batch of 2) with different corrections."""
-    ss = ScaleShift.identity(schedule, [SlotSpec("b0", 0, 3, 2), SlotSpec("b1", 0, 3, 2)], groups=2)
+    ss = ScaleShift.identity(schedule, _toy_slots(), groups=2)
     with torch.no_grad():
         for table in ss.table:
             for s in range(schedule.num_steps):
@@ -492,3 +505,66 @@ def test_final_loss_refuses_a_sampler_without_gradients():
         bcc.train_scale_shift(Drift(), Schedule.every(3, 6, ["blk"]), sampler, [None], iterations=2, loss="final",
                               progress=False)
     assert e.value.code is ErrorCode.CONFIG_INVALID and "grad" in str(e.value)
+
+
+# -- configuration and files ----------------------------------------------------------------
+def test_training_config_is_validated_and_keywords_override_it():
+    from bcc.scale_shift.train import ScaleShiftTrainConfig
+
+    for bad in ({"groups": 0}, {"mode": "both"}, {"checkpoint_every": 0}, {"guidance_scale": math.inf}):
+        with pytest.raises(BccError) as e:
+            ScaleShiftTrainConfig(**bad)
+        assert e.value.code is ErrorCode.CONFIG_INVALID
+    with pytest.raises(BccError, match="unknown training option.*'iteration'"):
+        ScaleShiftTrainConfig().replace(iteration=3)
+    config = ScaleShiftTrainConfig(iterations=50, lr=2e-2, mode="output")
+    ss = bcc.train_scale_shift(Drift(), Schedule.every(3, 6, ["blk"]), _drift_sample, [None], config,
+                               iterations=2, progress=False)
+    assert len(ss.history) == 2 and ss.meta["lr"] == 2e-2 and ss.mode == "output"
+    assert config.iterations == 50  # frozen: overrides make a copy
+
+
+class _NoTimestepName(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = Scaled()
+
+    def forward(self, x, noise_level):
+        return self.blk(x, noise_level)
+
+
+def test_linear_kind_needs_a_timestep_it_can_find():
+    def sample(model, cond, seed):
+        x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(seed))
+        return [model(x, torch.tensor(900.0 - 150 * s)) for s in range(6)]
+
+    schedule = Schedule.every(3, 6, ["blk"])
+    with pytest.raises(BccError) as e:  # no argument named timestep/t: never guessed as 0
+        bcc.train_scale_shift(_NoTimestepName(), schedule, sample, [None], iterations=1, kind="linear", progress=False)
+    assert e.value.code is ErrorCode.CONFIG_INVALID and "timestep_of=" in str(e.value)
+    ss = bcc.train_scale_shift(_NoTimestepName(), schedule, sample, [None], iterations=1, kind="linear",
+                               progress=False, timestep_of=lambda args, kwargs: float(args[1]))
+    rows = ss.embedding[schedule.mask[:, 0].logical_not()]
+    assert len({tuple(r.tolist()) for r in rows}) == len(rows)  # a different embedding per reuse step
+
+
+def test_version_1_files_still_load_and_pair_by_shape(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    schedule = Schedule(MASK, ("b0", "b1"))
+    ss = _toy_ss(schedule)
+    path = ss.save(tmp_path / "v2.safetensors")
+    head = dict(ScaleShift.load(path).header)
+    # What version 1 wrote: shape-only slots (channels, rank, shape without the batch).
+    head.update(version=1, slots=[{"block": b, "output": 0, "channels": 3, "rank": 2, "shape": [3]} for b in ("b0", "b1")])
+    old = tmp_path / "v1.safetensors"
+    save_file({k: v.contiguous() for k, v in ss.state_dict().items()}, str(old), metadata={"bcc": json.dumps(head)})
+    back = ScaleShift.load(old)
+    assert back.by_shape and [s.sample_shape for s in back.slots] == [(3,), (3,)]
+    steps = _steps(5)
+    model = bcc.compile(Toy(), schedule, backend="eager", scale_shift=back)
+    got = [model(x, t) for x, t in steps]
+    for a, b in zip(got, _expected(MASK, steps, "residual")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

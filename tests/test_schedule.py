@@ -1,3 +1,7 @@
+import copy
+import json
+import pickle
+
 import pytest
 import torch
 
@@ -70,3 +74,31 @@ def test_every_rejects_bad_n():
 def test_text_table():
     text = Schedule.every(2, 3, ["blk"]).to_text()
     assert text.splitlines()[1] == "blk #.#"
+
+
+def test_meta_is_a_read_only_copy():
+    meta = {"source": "p.json", "scheduler": {"name": "DDIM", "config": {"betas": [1, 2]}}}
+    s = Schedule.every(2, 3, ["a"]).with_meta(**meta)
+    meta["source"] = "changed"
+    meta["scheduler"]["name"] = "changed"
+    assert s.meta["source"] == "p.json" and s.meta["scheduler"]["name"] == "DDIM"
+    with pytest.raises(TypeError):
+        s.meta["source"] = "other"
+    with pytest.raises(TypeError):
+        s.meta["scheduler"]["config"]["betas"] = []
+    assert s.meta["scheduler"]["config"]["betas"] == (1, 2)
+    with pytest.raises(BccError) as e:
+        Schedule(torch.ones(1, 1, dtype=torch.bool), ["a"], meta=["not", "a", "mapping"])
+    assert e.value.code is ErrorCode.CONFIG_INVALID
+
+
+def test_with_meta_returns_a_new_schedule_and_files_keep_meta(tmp_path):
+    s = Schedule.every(2, 3, ["a"]).with_meta(threshold=0.5)
+    t = s.with_meta(profile="p.json")
+    assert "profile" not in s.meta and dict(t.meta) == {"threshold": 0.5, "profile": "p.json"}
+    assert torch.equal(t.mask, s.mask) and t.block_names == s.block_names
+    assert json.loads(json.dumps(t.to_dict()))["meta"] == {"threshold": 0.5, "profile": "p.json"}
+    t.save(tmp_path / "s.json")
+    assert dict(Schedule.load(tmp_path / "s.json").meta) == dict(t.meta)
+    for u in (copy.deepcopy(t), pickle.loads(pickle.dumps(t)), t.reorder(["a"])):
+        assert dict(u.meta) == dict(t.meta) and torch.equal(u.mask, t.mask)

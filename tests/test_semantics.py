@@ -6,7 +6,7 @@ import bcc
 from bcc import Schedule
 from bcc.runtime.reference import HookReference
 
-from testing import Toy, ToyTwoOut, ToyWiden
+from testing import Toy, ToySkip, ToyTwoOut, ToyWiden
 
 BACKENDS = ["eager", "inductor"]
 
@@ -17,14 +17,15 @@ def _steps(n, shape=(2, 3)):
 
 
 def _expected_toy(mask, steps, mode):
-    """Hand-written semantics of Toy: b0 = 2x, b1 = x + 10."""
+    """Hand-written semantics of Toy: b0 = 2x (no identity path: cached whole in both
+    modes), b1 = x + 10 (residual 10 in residual mode)."""
     outs, cache0, cache1 = [], None, None
     for s, (x, t) in enumerate(steps):
         if mask[s, 0]:
             h = x * 2
-            cache0 = h - x if mode == "residual" else h
+            cache0 = h
         else:
-            h = x + cache0 if mode == "residual" else cache0
+            h = cache0
         if mask[s, 1]:
             h2 = h + 10
             cache1 = h2 - h if mode == "residual" else h2
@@ -47,14 +48,27 @@ def test_toy_matches_hand_semantics(backend, mode):
         torch.testing.assert_close(g, w, rtol=0, atol=0 if backend == "eager" else 1e-6, msg=f"step {s}")
 
 
-def test_reuse_and_recompute_differ_exactly():
-    # Residual reuse of b0 = x_now + x_then; recompute = 2 x_now.
+@pytest.mark.parametrize("mode, reused", [("residual", 16.0), ("output", 12.0)])
+def test_reuse_and_recompute_differ_exactly(mode, reused):
+    # ToySkip's b0 = x + |x|: residual reuse is x_now + |x_then|, output reuse 2 |x_then|;
+    # recompute is x_now + |x_now|.
     sched = Schedule(torch.tensor([[True, True], [False, True]]), ["b0", "b1"])
-    model = bcc.compile(Toy(), sched, backend="eager")
+    model = bcc.compile(ToySkip(), sched, backend="eager", mode=mode)
     x0, x1 = torch.full((1,), 1.0), torch.full((1,), 5.0)
     t = torch.tensor(0.0)
-    assert model(x0, t).item() == 12.0  # 2*1 + 10
-    assert model(x1, t).item() == 16.0  # (5 + 1) + 10, not 2*5 + 10 = 20
+    assert model(x0, t).item() == 12.0  # 1 + 1 + 10
+    assert model(x1, t).item() == reused  # (5 + 1) + 10 or (1 + 1) + 10, not 5 + 5 + 10 = 20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_without_identity_path_is_cached_whole_in_residual_mode(backend):
+    # Toy's b0 = 2x: same shape as its input, but 2x is not x + something, so its
+    # whole output is reused (the old shape rule replayed x_now + x_then).
+    sched = Schedule(torch.tensor([[True, True], [False, True]]), ["b0", "b1"])
+    model = bcc.compile(Toy(), sched, backend=backend)
+    t = torch.tensor(0.0)
+    model(torch.full((1,), 1.0), t)
+    assert model(torch.full((1,), 5.0), t).item() == 12.0  # 2*1 + 10
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -69,17 +83,19 @@ def test_shape_changing_block_caches_whole_output(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_output_block_pairs_residuals_by_shape(backend):
+@pytest.mark.parametrize("ctx_width", [5, 3])  # 3: both streams of one shape
+def test_two_output_block_pairs_residuals_by_stream(backend, ctx_width):
     sched = Schedule(torch.tensor([[True], [False]]), ["pair"])
     model = bcc.compile(ToyTwoOut(), sched, backend=backend)
-    x0, c0 = torch.ones(2, 3), torch.ones(2, 5)
-    x1, c1 = torch.full((2, 3), 4.0), torch.full((2, 5), 7.0)
+    x0, c0 = torch.ones(2, 3), -torch.ones(2, ctx_width)
+    x1, c1 = torch.full((2, 3), 4.0), torch.full((2, ctx_width), 7.0)
     t = torch.tensor(2.0)
     model(x0, c0, t)
     h, c = model(x1, c1, t)
-    # h residual (a+1)-a = 1 pairs with x; c residual 3b-b = 2b0 pairs with ctx.
-    torch.testing.assert_close(h, (x1 + 1) * t)
-    torch.testing.assert_close(c, c1 + 2 * c0)
+    # h = a + 1 is x's stream (residual 1); c = b + 2|b| is ctx's (residual 2|c0| = 2),
+    # whether or not the shapes tell them apart.
+    torch.testing.assert_close(h, (x1 + 1) * t, rtol=0, atol=0)
+    torch.testing.assert_close(c, c1 + 2, rtol=0, atol=0)
 
 
 def test_reference_agrees_with_hand_semantics():

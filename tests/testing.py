@@ -28,7 +28,7 @@ def built(name: str, latent: int = 8, batch: int = 2):
 
 
 def trajectory_inputs(name: str, model, num_steps: int, *, latent: int = 8, batch: int = 2, seed: int = 0):
-    _n, extra, _l, _b = model._bcc_zoo
+    extra = zoo.spec_of(model).extra
     return [zoo.step_inputs(name, model, extra, latent=latent, batch=batch, step=s, seed=seed, num_steps=num_steps)
             for s in range(num_steps)]
 
@@ -71,10 +71,17 @@ def changing_schedule(num_steps, names):
 
 # -- analytic toy models (reuse and recompute give different, exactly known values) --------
 class Double(nn.Module):
-    """out = 2x, so the residual is x itself."""
+    """out = 2x: no identity path (the coefficient of x is 2, not 1), so it is cached whole."""
 
     def forward(self, x):
         return x * 2
+
+
+class Skip(nn.Module):
+    """out = x + |x|: x is the residual stream, the residual |x| depends on it."""
+
+    def forward(self, x):
+        return x + x.abs()
 
 
 class AddTen(nn.Module):
@@ -103,6 +110,18 @@ class Toy(nn.Module):
         return h + t
 
 
+class ToySkip(nn.Module):
+    """Toy with a b0 that has a skip connection: residual reuse differs from recompute."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0 = Skip()
+        self.b1 = AddTen()
+
+    def forward(self, x, t):
+        return self.b1(self.b0(x)) + t
+
+
 class ToyWiden(nn.Module):
     def __init__(self):
         super().__init__()
@@ -113,10 +132,11 @@ class ToyWiden(nn.Module):
 
 
 class TwoOut(nn.Module):
-    """A Flux-like block returning two streams; its residuals pair by shape."""
+    """A Flux-like block returning two streams: output 0 is ``b``'s (residual 2|b|),
+    output 1 is ``a``'s (residual 1), whatever their shapes."""
 
     def forward(self, a, b):
-        return b * 3, a + 1
+        return b + 2 * b.abs(), a + 1
 
 
 class ToyTwoOut(nn.Module):

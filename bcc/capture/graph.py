@@ -15,9 +15,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from bcc.capture.signature import Signature, signature_of
 from bcc.errors import BccError, BccInternalError, ErrorCode
 
-__all__ = ["Captured", "capture", "flatten_call", "signature_of"]
+__all__ = ["Captured", "capture", "flatten_call"]
 
 
 @dataclass(frozen=True)
@@ -29,30 +30,27 @@ class Captured:
             of output leaves.
         in_spec / out_spec: pytree specs of ``(args, kwargs)`` and of the output.
         tensor_positions: indices of the tensor leaves among all input leaves.
-        signature: :func:`signature_of` the example call (shapes, dtypes, devices,
-            non-tensor values); a call with another signature needs another capture.
+        signature: :func:`bcc.capture.signature.signature_of` the example call (shapes,
+            dtypes, devices, non-tensor values); a call with another signature needs
+            another capture.
     """
 
     gm: fx.GraphModule
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     tensor_positions: tuple[int, ...]
-    signature: tuple
+    signature: Signature
 
 
 def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec]:
+    """The leaves of ``(args, kwargs)`` in the order of a captured graph's inputs, and their spec.
+
+    Example:
+        >>> leaves, _ = flatten_call((torch.ones(1), 2), {"flag": True})
+        >>> [type(x).__name__ for x in leaves]
+        ['Tensor', 'int', 'bool']
+    """
     return pytree.tree_flatten((tuple(args), dict(kwargs)))
-
-
-def signature_of(leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
-    """What must stay fixed for a captured graph and its caches to apply to a call."""
-    sig = []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            sig.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index))
-        else:
-            sig.append(("C", repr(leaf)))
-    return (str(spec), tuple(sig))
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
@@ -107,4 +105,4 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     gm.graph.eliminate_dead_code()
     gm.recompile()
     out_spec = unlifted._out_spec
-    return Captured(gm, in_spec, out_spec, tuple(tensor_positions), signature_of(leaves, in_spec))
+    return Captured(gm, in_spec, out_spec, tuple(tensor_positions), signature_of(args, kwargs))

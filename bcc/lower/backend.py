@@ -4,9 +4,10 @@
 gives the same model as :func:`bcc.compile`, through Dynamo's door. Dynamo hands the
 backend a torch-level graph whose nodes carry ``nn_module_stack``; the backend
 re-exports it to ATen with :func:`bcc.capture.graph.capture` (the module paths survive, so
-the blocks get the same names as in ``bcc.compile``), runs the same passes
-(:func:`bcc.lower.compile.rewrite`) and compiles the result with inductor. The callable it
-returns holds the trajectory: the step counter and the caches, as ``BccModule`` does.
+the blocks get the same names as in ``bcc.compile``), runs the same pass list
+(:func:`bcc.passes.run_passes`) and compiles the result with inductor. It returns a
+:class:`BackendGraph`, which holds the trajectory in a
+:class:`bcc.runtime.stepper.Stepper`, as ``BccModule`` does.
 
 The backend is found by name without importing bcc (the ``torch_dynamo_backends``
 entry point in ``pyproject.toml``); importing bcc registers it too when bcc is not
@@ -26,26 +27,52 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from bcc.analyze.blocks import ATTENTION, module_calls
+from bcc.analyze.blocks import ATTENTION, find_block_regions, module_calls
 from bcc.capture.graph import capture
+from bcc.capture.signature import Signature
 from bcc.config import BccConfig
 from bcc.errors import BccError, ErrorCode
-from bcc.lower.export import _Stepper, state_inputs
-from bcc.lower.compile import rewrite
-from bcc.passes import AnnotateBlocksPass
+from bcc.passes import PassConfig, run_passes
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
 from bcc.plan.schedule import Schedule
+from bcc.runtime.stepper import CacheSpec, Program, Stepper
 
-__all__ = ["bcc_backend"]
+__all__ = ["bcc_backend", "BackendGraph"]
 
 NAME = "bcc"
 _ENTRY_POINT = "bcc.lower.backend:bcc_backend"
 _CONFIG_OPTIONS = ("mode", "backend", "inductor_options")
 
 
+class BackendGraph:
+    """What backend ``"bcc"`` hands Dynamo: the gated, compiled graph and its trajectory.
+
+    Dynamo calls it with the graph's inputs; each call is one step.
+
+    Attributes:
+        stepper: the trajectory (:class:`bcc.runtime.stepper.Stepper`): ``state()``,
+            ``reset()``, ``source``.
+        graph: the rewritten graph (before inductor), for inspection.
+        signature: the :class:`bcc.capture.signature.Signature` of Dynamo's example
+            inputs, which this graph's caches are shaped for (Dynamo's guards hand a
+            call of another signature to another graph, with a stepper of its own).
+        block_names: the gated blocks, in graph order.
+    """
+
+    def __init__(self, stepper: Stepper, graph: fx.GraphModule, positions: Sequence[int], signature: Signature):
+        self.stepper = stepper
+        self.graph = graph
+        self.signature = signature
+        self.block_names: tuple[str, ...] = tuple(graph.meta[BLOCKS])
+        self._positions = tuple(positions)
+
+    def __call__(self, *args: Any) -> list[torch.Tensor]:
+        return self.stepper([args[i] for i in self._positions])
+
+
 def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,
-                mode: str | None = None) -> Callable[..., Any]:
+                mode: str | None = None) -> BackendGraph:
     """Dynamo backend: gate the graph's blocks on a schedule, compile with inductor.
 
     Args:
@@ -58,7 +85,7 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
         mode: ``torch.compile(mode=...)``; its inductor settings are applied.
 
     Returns:
-        A callable with ``gm``'s signature that advances one step per call.
+        A :class:`BackendGraph` with ``gm``'s signature that advances one step per call.
 
     Example:
         >>> class Net(torch.nn.Module):
@@ -68,10 +95,10 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
         ...     def forward(self, x):
         ...         return x + self.block(x)
         >>> net = Net()
-        >>> fast = torch.compile(net, backend="bcc", dynamic=False,
-        ...                      options={"schedule": Schedule.every(2, 2, ["block"]), "backend": "eager"})
+        >>> fast = torch.compile(net, backend="bcc", dynamic=False, options={
+        ...     "schedule": Schedule.every(2, 2, ["block"]), "mode": "output", "backend": "eager"})
         >>> x = torch.ones(1, 2)
-        >>> torch.equal(fast(x), net(x)), torch.allclose(fast(5 * x), net(x) + 8 * x)  # step 1 reuses block(x) - x
+        >>> torch.equal(fast(x), net(x)), torch.allclose(fast(5 * x), 5 * x + net.block(x))  # step 1 reuses block(x)
         (True, True)
     """
     schedule_src, blocks, cfg = _parse_options(options)
@@ -80,35 +107,28 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
     if isinstance(schedule_src, Schedule):
         schedule = schedule_src
     else:
-        names = AnnotateBlocksPass(selector=blocks or ATTENTION)(captured.gm).graph_module.meta[BLOCKS]
+        names = [b.name for b in find_block_regions(captured.gm, blocks or ATTENTION)]
         schedule = schedule_src(tuple(names))
         if not isinstance(schedule, Schedule):
             raise BccError(ErrorCode.BACKEND_OPTIONS,
                            f"options['schedule'] returned {type(schedule).__name__}, not a bcc.Schedule.")
     _require_blocks(captured.gm, schedule.block_names)
-    rewritten = rewrite(captured, names=schedule.block_names, mode=cfg.mode)
+    rewritten = run_passes(captured.gm, PassConfig(names=tuple(schedule.block_names), mode=cfg.mode))
     mask = schedule.reorder(rewritten.meta[BLOCKS]).mask
-    slots = rewritten.meta[SLOTS]
-    if len(state_inputs(rewritten, len(captured.tensor_positions))) != 2 + len(slots):
-        raise BccError(ErrorCode.BACKEND_OPTIONS,
-                       "this graph needs scale-shift tables, which the backend cannot take yet; use bcc.compile.")
-    caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in slots]
-    stepper = _Stepper(rewritten, mask, schedule.num_steps, caches)
+    specs = tuple(CacheSpec(s.shape, s.dtype, s.device) for s in rewritten.meta[SLOTS])
+    fn: Callable[..., Any] = rewritten
     if cfg.backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
         patches = dict(cfg.inductor_options)
         if mode not in (None, "default"):
             patches = {**torch._inductor.list_mode_options(mode), **patches}
-        example = [mask, stepper.steps[0], *caches, *(example_inputs[i] for i in captured.tensor_positions)]
-        stepper.fn = compile_fx(rewritten, example, config_patches=patches)
-    positions = captured.tensor_positions
-
-    def run(*args: Any) -> Any:
-        return stepper([args[i] for i in positions])
-
-    run.bcc_stepper = stepper  # for inspection and tests: step, caches, schedule
-    return run
+        caches = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in specs]
+        example = [mask, torch.zeros((), dtype=torch.int64), *caches,
+                   *(example_inputs[i] for i in captured.tensor_positions)]
+        fn = compile_fx(rewritten, example, config_patches=patches)
+    stepper = Stepper(Program(fn, mask, specs))
+    return BackendGraph(stepper, rewritten, captured.tensor_positions, captured.signature)
 
 
 def _parse_options(options: Any) -> tuple[Any, Any, BccConfig]:

@@ -1,4 +1,4 @@
-"""lower: run the passes on a captured graph and compile the result."""
+"""lower: run the pass list on a captured graph and compile the result (``bcc.compile``'s lowering)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,26 +6,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.infra.pass_manager import PassManager
 
-from bcc.analyze.blocks import BlockSelector
 from bcc.capture.graph import Captured
 from bcc.config import BccConfig
-from bcc.errors import BccError
-from bcc.passes import AnnotateBlocksPass, CacheSlot, GateBlocksPass, OutlineBlocksPass, SpecializeRowPass
-from bcc.passes.specialize_row import specialized
+from bcc.passes import CacheSlot, PassConfig, run_passes, specialize
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
 
-__all__ = ["Lowered", "RowDispatch", "rewrite", "lower"]
+__all__ = ["Lowered", "RowDispatch", "lower", "compile_graph"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Lowered:
     """A rewritten graph ready to run: ``fn(schedule, step, *caches, *scale_shift, *tensor_leaves)``.
 
     ``scale_shift`` is empty unless the graph was rewritten with scale-shift tables.
-
     ``fn`` returns the model's output leaves followed by the new caches.
     """
 
@@ -35,36 +30,8 @@ class Lowered:
     slots: tuple[CacheSlot, ...]
 
 
-def rewrite(
-    captured: Captured,
-    *,
-    names: Sequence[str] | None = None,
-    selector: BlockSelector = "attention",
-    mode: str = "residual",
-    scale_shift: bool = False,
-) -> fx.GraphModule:
-    """Annotate, outline and gate the blocks of a captured graph (no compilation).
-
-    ``scale_shift=True`` adds one ``[T, 2, B, C]`` table input per cache slot after the caches.
-    """
-    passes = [
-        AnnotateBlocksPass(selector=selector, names=None if names is None else list(names)),
-        OutlineBlocksPass(),
-        GateBlocksPass(mode=mode, scale_shift=scale_shift),
-    ]
-    # PassManager wraps a pass's exception with the pass name; unwrap BccError so
-    # the caller sees the actionable message first, with the context chained.
-    try:
-        result = PassManager(passes, steps=1)(captured.gm)
-    except Exception as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, BccError):
-            raise cause from e
-        raise
-    return result.graph_module
-
-
-def _compile(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
+def compile_graph(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
+    """``gm`` compiled by ``config.backend`` (``"eager"``: ``gm`` itself)."""
     if config.backend == "eager":
         return gm
     options = dict(config.inductor_options)
@@ -85,8 +52,8 @@ class RowDispatch:
     """``strategy="specialize"``: one graph per distinct schedule row, built and compiled
     at the row's first use, chosen on the host from ``schedule[step]``.
 
-    The schedule and the step are CPU tensors (see :mod:`bcc.runtime`), so reading the
-    row costs no device sync. A new schedule's unseen rows compile on first use.
+    The schedule and the step are CPU tensors (see :mod:`bcc.runtime.stepper`), so
+    reading the row costs no device sync. A new schedule's unseen rows compile on first use.
     """
 
     def __init__(self, gm: fx.GraphModule, config: BccConfig):
@@ -98,12 +65,12 @@ class RowDispatch:
         row = tuple(schedule[int(step)].tolist())
         fn = self.variants.get(row)
         if fn is None:
-            gm = SpecializeRowPass(row)(specialized(self.gm)).graph_module
-            fn = self.variants[row] = _compile(gm, self.config)
+            fn = self.variants[row] = compile_graph(specialize(self.gm, row), self.config)
         return fn(schedule, step, *rest)
 
 
 def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shift: bool = False) -> Lowered:
-    gm = rewrite(captured, names=names, mode=config.mode, scale_shift=scale_shift)
-    fn = RowDispatch(gm, config) if config.strategy == "specialize" else _compile(gm, config)
+    """Gate ``names`` in ``captured`` (:func:`bcc.passes.run_passes`) and compile for ``config``."""
+    gm = run_passes(captured.gm, PassConfig(names=tuple(names), mode=config.mode, scale_shift=scale_shift))
+    fn = RowDispatch(gm, config) if config.strategy == "specialize" else compile_graph(gm, config)
     return Lowered(gm, fn, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))

@@ -1,12 +1,13 @@
 """lower: a denoiser with its cache schedule as one ``torch.export`` program.
 
 :func:`export` captures the model, rewrites its blocks into schedule-gated
-``torch.cond`` branches (the same passes as :func:`bcc.compile`) and exports the
-rewritten graph. The program is functional: it takes
+``torch.cond`` branches (:func:`bcc.passes.run_passes`, the pass list
+:func:`bcc.compile` runs, with weights lifted to inputs) and exports the rewritten graph. The program is functional: it takes
 ``(bcc_schedule, bcc_step, *caches, *model tensor leaves)`` and returns
 ``(*model output leaves, *new caches)``, so the trajectory state lives outside it and
 the artifact needs no Python to run (``torch.export.save`` or an AOTInductor package).
-:class:`ExportedDenoiser` holds that state and is called like the original model.
+:class:`ExportedDenoiser` holds that state in a :class:`bcc.runtime.stepper.Stepper`
+(the one ``bcc.compile`` uses) and is called like the original model.
 
 Everything in an exported program is static: batch size, resolution, dtype and device
 are those of the example inputs (the caches have those shapes). A call with other
@@ -16,8 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,19 +27,23 @@ import torch.utils._pytree as pytree
 
 from bcc._io import write_json
 from bcc.analyze.blocks import module_calls
-from bcc.capture.graph import Captured, capture, flatten_call, signature_of
+from bcc.capture.graph import capture, flatten_call
+from bcc.capture.signature import Signature, diff, signature_of
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.errors import BccError, BccInternalError, ErrorCode
-from bcc.lower.compile import rewrite
+from bcc.passes import PassConfig, run_passes
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
-from bcc.scale_shift.params import ScaleShift
+from bcc.passes.lift_weights import WEIGHTS, fetch_attr
 from bcc.plan.schedule import Schedule
+from bcc.runtime.stepper import CacheSpec, Program, StepRef, Stepper
+from bcc.scale_shift.params import ScaleShift
 
 __all__ = ["ExportMeta", "ExportedDenoiser", "export", "save_exported", "load_exported", "meta_path"]
 
 FORMAT = "bcc-export"
-VERSION = 1
+VERSION = 2  # 2: the signature is a Signature's JSON (1: nested lists, still read)
+_READS = (1, 2)
 _META_KEY = "bcc_export"
 _SCHEDULE_VERSION = 1  # Schedule.to_dict's format version this reader understands
 
@@ -56,7 +60,8 @@ class ExportMeta:
         slots: ``{"block", "output", "base", "shape", "dtype"}`` per cache tensor.
         state_inputs: names of the program's inputs before the model's tensors.
         num_outputs: the model's output leaves (the caches follow them).
-        signature: shapes/dtypes/devices and constants of the example call.
+        signature: the :class:`bcc.capture.signature.Signature` of the example call
+            (shapes/dtypes/devices and constants; JSON via ``Signature.to_json``).
         out_spec: ``treespec_dumps`` of the model's output, or None (then a tuple).
         mode: ``"residual"`` or ``"output"`` caching.
         scale_shift: scale-shift tables for ``schedule`` are baked into the program.
@@ -70,7 +75,7 @@ class ExportMeta:
     slots: tuple[dict, ...]
     state_inputs: tuple[str, ...]
     num_outputs: int
-    signature: list
+    signature: Signature
     out_spec: str | None
     mode: str
     scale_shift: bool = False
@@ -79,7 +84,7 @@ class ExportMeta:
     torch_version: str = torch.__version__
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return {"format": FORMAT, "version": VERSION, **asdict(self), "signature": self.signature.to_json()}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "metadata") -> "ExportMeta":
@@ -87,16 +92,18 @@ class ExportMeta:
             raise BccError(ErrorCode.ARTIFACT_MISMATCH,
                            f"{where} is not bcc export metadata (format={d.get('format') if isinstance(d, dict) else None!r}); "
                            "load a .pt2 written by bcc.save_exported or 'bcc export'.")
-        if d.get("version") != VERSION or (d.get("schedule") or {}).get("version") != _SCHEDULE_VERSION:
+        if d.get("version") not in _READS or (d.get("schedule") or {}).get("version") != _SCHEDULE_VERSION:
             raise BccError(ErrorCode.ARTIFACT_MISMATCH,
                            f"{where} was written by another bcc export format (export version {d.get('version')!r}, "
-                           f"schedule version {(d.get('schedule') or {}).get('version')!r}; this bcc reads {VERSION} and "
-                           f"{_SCHEDULE_VERSION}). Export the model again with this version of bcc.")
+                           f"schedule version {(d.get('schedule') or {}).get('version')!r}; this bcc reads export "
+                           f"versions {list(_READS)} and schedule version {_SCHEDULE_VERSION}). Export the model "
+                           "again with this version of bcc.")
         fields = {k: v for k, v in d.items() if k not in ("format", "version")}
         try:
             fields["block_names"] = tuple(fields["block_names"])
             fields["slots"] = tuple(fields["slots"])
             fields["state_inputs"] = tuple(fields["state_inputs"])
+            fields["signature"] = Signature.from_json(fields["signature"])
             return cls(**fields)
         except (KeyError, TypeError) as e:
             raise BccError(ErrorCode.ARTIFACT_MISMATCH, f"{where} is incomplete ({e}); export the model again.") from None
@@ -150,7 +157,7 @@ def export(
                        f"schedule must be a bcc.Schedule, got {type(schedule).__name__}. Build one with "
                        "bcc.Schedule.every(n, steps, bcc.find_blocks(model, example_inputs)).")
     args, kwargs = _split_inputs(example_inputs)
-    captured, weights = _weights_as_inputs(capture(model, args, kwargs))
+    captured = capture(model, args, kwargs)
     missing = sorted(set(schedule.block_names) - set(module_calls(captured.gm)))
     if missing:
         raise BccError(ErrorCode.BLOCK_NOT_FOUND,
@@ -159,14 +166,16 @@ def export(
                        "example_inputs) and build the schedule from them.")
     if scale_shift is not None:
         scale_shift.check_compatible(schedule, model, mode)
-    gm = _own_predicates(rewrite(captured, names=schedule.block_names, mode=mode, scale_shift=scale_shift is not None))
+    gm = run_passes(captured.gm, PassConfig(names=tuple(schedule.block_names), mode=mode,
+                                            scale_shift=scale_shift is not None, target="export"))
+    weights = list(gm.meta[WEIGHTS])
     names = tuple(gm.meta[BLOCKS])
     ordered = schedule.reorder(names)
     slots = tuple(gm.meta[SLOTS])
-    leaves, spec = flatten_call(args, kwargs)
+    leaves, _ = flatten_call(args, kwargs)
     tensors = [leaves[i] for i in captured.tensor_positions]
     tables = [] if scale_shift is None else scale_shift.tables_for(slots)
-    state = state_inputs(gm, len(tensors) + len(weights))
+    state = _state_inputs(gm, len(tensors) + len(weights))
     state = [n for n in state if not n.startswith("bcc_ss_")]  # baked in, not inputs
     caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in slots]
     step = torch.zeros((), dtype=torch.int64)
@@ -184,14 +193,14 @@ def export(
                      "dtype": str(s.dtype).removeprefix("torch.")} for s in slots),
         state_inputs=tuple(state if schedule_input else state[1:]),
         num_outputs=len(gm.graph.output_node().args[0]) - len(slots),
-        signature=_jsonable(signature_of(leaves, spec)), out_spec=out_spec, mode=mode,
+        signature=captured.signature, out_spec=out_spec, mode=mode,
         scale_shift=scale_shift is not None,
     )
     ep.graph_module.meta[_META_KEY] = meta
     return ep
 
 
-def state_inputs(gm: fx.GraphModule, n_rest: int) -> list[str]:
+def _state_inputs(gm: fx.GraphModule, n_rest: int) -> list[str]:
     """Names of the placeholders before the last ``n_rest``: schedule, step, caches, scale-shift.
 
     Read from the graph rather than assumed, so passes that add state inputs after
@@ -236,98 +245,19 @@ class _Program(torch.nn.Module):
 
     def _call(self, *inputs: torch.Tensor):
         head = () if self._schedule is None else (self._schedule,)
-        weights = [_fetch(self.rewritten, w) for w in self._weights]
+        weights = [fetch_attr(self.rewritten, w) for w in self._weights]
         k = self._n_before_tables
         return self.rewritten(*head, *inputs[:k], *self._tables, *inputs[k:], *weights)
 
 
-def _fetch(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
-
-
-def _weights_as_inputs(captured: Captured) -> tuple[Captured, list[str]]:
-    """Turn every tensor ``get_attr`` into a trailing placeholder; returns the targets."""
-    gm = captured.gm
-    graph = gm.graph
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    targets: list[str] = []
-    for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        if not isinstance(_fetch(gm, node.target), torch.Tensor):
-            continue
-        with graph.inserting_after(last):
-            ph = graph.placeholder(f"bcc_w{len(targets)}")
-        ph.meta.update(node.meta)
-        node.replace_all_uses_with(ph)
-        graph.erase_node(node)
-        targets.append(node.target)
-        last = ph
-    gm.recompile()
-    return captured, targets
-
-
-def _own_predicates(gm: fx.GraphModule) -> fx.GraphModule:
-    """Give every ``cond`` a predicate tensor of its own, not a view into the schedule row.
-
-    AOTInductor's C++ wrapper (torch 2.13) names a predicate's host copy after its
-    buffer, so two predicates that are views of one schedule row share one value:
-    every block followed block 0's bit. ``eq`` makes a new buffer (inductor drops a
-    ``clone`` as a no-op).
-    """
-    for node in list(gm.graph.nodes):
-        if node.target is torch.ops.higher_order.cond:
-            with gm.graph.inserting_before(node):
-                pred = gm.graph.call_function(torch.ops.aten.eq.Scalar, (node.args[0], True))
-            pred.meta.update(node.args[0].meta)
-            node.update_arg(0, pred)
-    gm.recompile()
-    return gm
-
-
-def _jsonable(signature: tuple) -> list:
-    spec, leaves = signature
-    return [spec, [[leaf[0], list(leaf[1]), str(leaf[2]), leaf[3], leaf[4]] if leaf[0] == "T" else list(leaf)
-                   for leaf in leaves]]
-
-
 # -- running ----------------------------------------------------------------------------
-class _Stepper:
-    """One trajectory's state around a flat program: step counter and caches.
-
-    The step is a host int; the program gets a preallocated 0-d CPU tensor per step,
-    so choosing the schedule row needs no sync and no recompile.
-    """
-
-    def __init__(self, fn: Callable[..., Any], schedule: torch.Tensor | None, num_steps: int,
-                 caches: list[torch.Tensor]):
-        self.fn = fn
-        self.schedule = schedule
-        self.steps = [torch.tensor(s, dtype=torch.int64) for s in range(num_steps)]
-        self.fresh = [c.clone() for c in caches]
-        self.caches = caches
-        self.step = 0
-        self.lock = threading.Lock()
-
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        with self.lock:
-            head = () if self.schedule is None else (self.schedule,)
-            try:
-                outs = self.fn(*head, self.steps[self.step], *self.caches, *tensors)
-            except BaseException:
-                self.step = 0  # a failed call leaves the trajectory unknown: start clean
-                raise
-            n = len(outs) - len(self.caches)
-            self.caches = [c.detach() for c in outs[n:]]
-            self.step = (self.step + 1) % len(self.steps)
-            return list(outs[:n])
-
-
 class ExportedDenoiser:
     """Runs an exported bcc program step by step, called like the original model.
 
-    Holds the caches and the step counter (the next call after the last step starts a
-    new trajectory, as with :func:`bcc.compile`). Build it with :func:`load_exported`
-    or :meth:`from_program`.
+    Holds the trajectory in a :class:`bcc.runtime.stepper.Stepper` (as
+    :func:`bcc.compile` does): by default the next call after the last step starts a new
+    trajectory; :meth:`call_at` takes the step from pipeline code instead. Build it with
+    :func:`load_exported` or :meth:`from_program`.
 
     Example:
         >>> class Net(torch.nn.Module):
@@ -344,9 +274,10 @@ class ExportedDenoiser:
     def __init__(self, program: Callable[..., Any], meta: ExportMeta):
         self.meta = meta
         self._schedule = Schedule.from_dict(meta.schedule)
-        caches = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in meta.slots]
-        mask = self._schedule.mask if meta.schedule_input else None
-        self._stepper = _Stepper(program, mask, self._schedule.num_steps, caches)
+        # The metadata records no device: the artifacts bcc writes run on the CPU.
+        caches = tuple(CacheSpec(tuple(s["shape"]), getattr(torch, s["dtype"]), torch.device("cpu"))
+                       for s in meta.slots)
+        self._stepper = Stepper(Program(program, self._schedule.mask, caches, schedule_input=meta.schedule_input))
         self._out_spec = None if meta.out_spec is None else pytree.treespec_loads(meta.out_spec)
 
     @classmethod
@@ -356,16 +287,21 @@ class ExportedDenoiser:
 
     @property
     def step(self) -> int:
-        """The step the next call will run."""
-        return self._stepper.step
+        """The step the next plain call will run."""
+        return self._stepper.next_ref().step
+
+    @property
+    def stepper(self) -> Stepper:
+        """The trajectory state: ``state()``, ``source``, and ``program.fn`` (the loaded program)."""
+        return self._stepper
 
     @property
     def schedule(self) -> Schedule:
         return self._schedule
 
     def reset(self) -> None:
-        """Start the next call at step 0 (only needed after abandoning a trajectory)."""
-        self._stepper.step = 0
+        """Start a new trajectory at the next call (pipeline code: at every generation's start)."""
+        self._stepper.reset()
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Use another schedule over the same blocks and step count; nothing is recompiled."""
@@ -381,29 +317,29 @@ class ExportedDenoiser:
             raise BccError(ErrorCode.SCHEDULE_SHAPE,
                            f"the new schedule has {schedule.num_steps} steps, the artifact {self._schedule.num_steps}; "
                            "export again for another step count.")
-        self._schedule = schedule.reorder(self.meta.block_names)
-        self._stepper.schedule = self._schedule.mask
-        self._stepper.step = 0
+        ordered = schedule.reorder(self.meta.block_names)
+        with self._stepper.lock:
+            self._stepper.bind(replace(self._stepper.program, schedule=ordered.mask))
+            self._stepper.reset()
+        self._schedule = ordered
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        leaves, spec = flatten_call(args, kwargs)
-        got = _jsonable(signature_of(leaves, spec))
+        return self._call(None, args, kwargs)
+
+    def call_at(self, ref: StepRef, *args: Any, **kwargs: Any) -> Any:
+        """Call the program as the call ``ref`` of the trajectory (see ``BccModule.bcc_call_at``)."""
+        return self._call(ref, args, kwargs)
+
+    def _call(self, ref: StepRef | None, args: tuple, kwargs: dict) -> Any:
+        got = signature_of(args, kwargs)
         if got != self.meta.signature:
             raise BccError(ErrorCode.STATIC_SHAPE,
-                           f"the call does not match the exported inputs ({_describe(self.meta.signature, got)}). "
+                           f"the call does not match the exported inputs ({diff(self.meta.signature, got)}). "
                            "An exported bcc program is static in batch size, resolution, dtype, device and "
                            "non-tensor arguments; export again with example inputs of the new shape.")
-        outs = self._stepper([x for x in leaves if isinstance(x, torch.Tensor)])
+        leaves, _ = flatten_call(args, kwargs)
+        outs = self._stepper.run(ref, [x for x in leaves if isinstance(x, torch.Tensor)])
         return tuple(outs) if self._out_spec is None else pytree.tree_unflatten(outs, self._out_spec)
-
-
-def _describe(want: list, got: list) -> str:
-    if want[0] != got[0]:
-        return "the argument structure differs"
-    for i, (a, b) in enumerate(zip(want[1], got[1])):
-        if a != b:
-            return f"input leaf {i}: exported {a[1:3]}, called with {b[1:3]}"
-    return "the number of inputs differs"
 
 
 def exported_meta(ep: torch.export.ExportedProgram) -> ExportMeta:

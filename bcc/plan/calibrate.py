@@ -16,9 +16,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from bcc.analyze.blocks import ATTENTION, BlockSelector
+from bcc.analyze.residual import BlockResiduals
+from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import ChangeProfile, model_fingerprint, scheduler_info
-from bcc.runtime.reference import residual_bases
+from bcc.runtime.reference import patch_forwards
 
 __all__ = ["calibrate", "block_flops"]
 
@@ -61,28 +63,27 @@ class _Recorder:
         self.prev: dict[str, list[torch.Tensor]] = {}
         self.rows: list[torch.Tensor] = []  # per step: [K] L1_rel of the current run
         self.timesteps: list[float] = []
-        modules = dict(model.named_modules())
+        # The quantity measured is what bcc caches, so its base comes from the same rule.
+        self.residuals = BlockResiduals(mode)
+        self.find_timestep = timestep_finder(model.forward)
         self.handles = [model.register_forward_pre_hook(self._on_step, with_kwargs=True)]
-        for i, name in enumerate(self.names):
-            self.handles.append(modules[name].register_forward_hook(self._hook(i, name), with_kwargs=True))
+        self._restore = patch_forwards(model, self.names, self._wrap)
 
     def _on_step(self, module, args, kwargs):
         self.step += 1
         self.rows.append(torch.zeros(len(self.names), dtype=torch.float64))
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if isinstance(t, torch.Tensor) and t.numel() >= 1:
-            self.timesteps.append(float(t.reshape(-1)[0]))
-        elif isinstance(t, (int, float)):
-            self.timesteps.append(float(t))
+        # Recorded only where the call names its timestep; without one the profile simply
+        # has no timesteps (nothing is guessed).
+        found = self.find_timestep(tuple(args), dict(kwargs))
+        if found is not None and (not isinstance(found.value, torch.Tensor) or found.value.numel() >= 1):
+            self.timesteps.append(found.as_float())
 
-    def _hook(self, index, name):
-        def hook(module, args, kwargs, output):
-            leaves = pytree.tree_leaves(output)
-            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-            bases = residual_bases(leaves, inputs, self.mode)
+    def _wrap(self, name, index, forward):
+        def wrapped(*args, **kwargs):
+            out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
             current = [
-                (v - inputs[b] if b is not None else v).detach().float()
-                for v, b in zip(leaves, bases) if isinstance(v, torch.Tensor)
+                (v - inputs[s.base] if s.base is not None else v).detach().float()
+                for v, s in zip(pytree.tree_leaves(out), slots) if s is not None
             ]
             prev = self.prev.get(name)
             if prev is not None and self.step > 0:
@@ -90,13 +91,15 @@ class _Recorder:
                 den = sum(float(c.abs().sum()) for c in current)
                 self.rows[self.step][index] = num / max(den, 1e-12)
             self.prev[name] = current
+            return out
 
-        return hook
+        return wrapped
 
     def new_run(self):
         self.step, self.prev, self.rows, self.timesteps = -1, {}, [], []
 
     def remove(self):
+        self._restore()
         for h in self.handles:
             h.remove()
 

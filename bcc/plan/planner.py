@@ -1,15 +1,22 @@
-"""plan: schedules from measured change (the paper's Eq. 7) and compute budgets."""
+"""plan: recompute masks from measured change (the paper's Eq. 7) and compute budgets.
+
+The planner returns plain data, a :class:`PlannedMask` (mask and how it was chosen), and never
+builds a :class:`bcc.Schedule`: ``Schedule.from_change`` and ``Schedule.for_budget`` wrap
+its plans, so the dependency points one way (schedule -> planner -> profile).
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from bcc._io import freeze, thaw
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import ChangeProfile
-from bcc.plan.schedule import Schedule
 
-__all__ = ["from_change", "for_budget", "GRANULARITIES"]
+__all__ = ["PlannedMask", "plan_from_change", "plan_for_budget", "compute_fraction", "GRANULARITIES"]
 
 _SUM_FROM = ("next", "literal")
 GRANULARITIES = ("block", "step")
@@ -37,6 +44,54 @@ def _curves(profile: ChangeProfile, granularity: str) -> torch.Tensor:
     return (l1 * w).sum(1, keepdim=True).expand_as(l1)
 
 
+@dataclass(frozen=True)
+class PlannedMask:
+    """An automatic recompute mask and how it was chosen, for ``Schedule`` to wrap.
+
+    Attributes:
+        mask: bool ``[num_steps, num_blocks]``, columns in the profile's block order.
+        threshold: the δ of Eq. 7 that produced ``mask``.
+        meta: provenance (threshold, sum_from, granularity, the profile's fingerprint,
+            scheduler and guidance; ``target_fraction`` for budgets), read-only.
+
+    Example:
+        >>> p = ChangeProfile(torch.tensor([[0.0], [0.2], [0.2]]), ["a"])
+        >>> plan = plan_from_change(p, 0.3)
+        >>> plan.mask[:, 0].tolist(), plan.threshold, plan.meta["sum_from"]
+        ([True, False, True], 0.3, 'next')
+    """
+
+    mask: torch.Tensor
+    threshold: float
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", freeze(self.meta))
+
+    def __reduce__(self):  # a read-only mapping does not pickle (nor deepcopy): rebuild from a dict
+        return PlannedMask, (self.mask, self.threshold, thaw(self.meta))
+
+
+def compute_fraction(mask: torch.Tensor, block_costs: Sequence[float] | None = None, rest_cost: float = 0.0) -> float:
+    """Fraction of the denoiser's work a recompute mask still executes.
+
+    Args:
+        mask: bool ``[num_steps, num_blocks]``.
+        block_costs: per-step cost of each block (uniform when None).
+        rest_cost: per-step cost of everything outside the blocks.
+
+    Example:
+        >>> compute_fraction(torch.tensor([[True, True], [False, True]]), [3.0, 1.0], rest_cost=4.0)  # 13 / 16
+        0.8125
+    """
+    steps, blocks = mask.shape
+    costs = torch.ones(blocks, dtype=torch.float64) if block_costs is None else torch.tensor(
+        list(block_costs), dtype=torch.float64)
+    executed = (mask.double() * costs).sum() + rest_cost * steps
+    total = costs.sum() * steps + rest_cost * steps
+    return float(executed / total)
+
+
 def _mask(l1: torch.Tensor, threshold: float, sum_from: str) -> torch.Tensor:
     T, K = l1.shape
     mask = torch.zeros(T, K, dtype=torch.bool)
@@ -53,9 +108,9 @@ def _mask(l1: torch.Tensor, threshold: float, sum_from: str) -> torch.Tensor:
     return mask
 
 
-def from_change(profile: ChangeProfile, threshold: float, *, sum_from: str = "next",
-                granularity: str = "block") -> Schedule:
-    """Block Caching's automatic schedule: reuse until the accumulated change exceeds δ.
+def plan_from_change(profile: ChangeProfile, threshold: float, *, sum_from: str = "next",
+                     granularity: str = "block") -> PlannedMask:
+    """Block Caching's automatic mask: reuse until the accumulated change exceeds δ.
 
     A block computed at step ``t_a`` is reused while the change accumulated since then
     stays within ``threshold`` (δ) and recomputed at the first step ``t_b`` where it
@@ -63,6 +118,7 @@ def from_change(profile: ChangeProfile, threshold: float, *, sum_from: str = "ne
     sum is ``Σ_{t=t_a+1}^{t_b} L1_rel(t)``: the change *after* the cache was filled.
     ``sum_from="literal"`` follows Eq. 7 as printed, ``Σ_{t=t_a}^{t_b}``, which also
     counts the change into ``t_a`` and so refreshes a little more often.
+    Most callers want :meth:`bcc.Schedule.from_change`, which wraps the plan.
 
     Args:
         profile: measured change, e.g. from :func:`bcc.calibrate`.
@@ -71,11 +127,14 @@ def from_change(profile: ChangeProfile, threshold: float, *, sum_from: str = "ne
         granularity: ``"block"`` (the paper: each block's own curve) or ``"step"`` (one
             FLOP-weighted mean curve, all blocks refreshed at the same steps).
 
+    Returns:
+        A :class:`PlannedMask` over the profile's blocks.
+
     Example:
         >>> p = ChangeProfile(torch.tensor([[0.0], [0.2], [0.2], [0.2], [0.2]]), ["a"])
-        >>> from_change(p, 0.3).mask[:, 0].tolist()
+        >>> plan_from_change(p, 0.3).mask[:, 0].tolist()
         [True, False, True, False, True]
-        >>> from_change(p, 0.3, sum_from="literal").mask[:, 0].tolist()
+        >>> plan_from_change(p, 0.3, sum_from="literal").mask[:, 0].tolist()
         [True, False, True, True, True]
     """
     if sum_from not in _SUM_FROM:
@@ -87,38 +146,41 @@ def from_change(profile: ChangeProfile, threshold: float, *, sum_from: str = "ne
             "used 0.5; use Schedule.for_budget to pick it from a speed target instead.",
         )
     mask = _mask(_curves(profile, granularity), float(threshold), sum_from)
-    return Schedule(
-        mask, profile.block_names, profile.timesteps, profile.block_flops, profile.rest_flops,
-        {"threshold": float(threshold), "sum_from": sum_from, "granularity": granularity,
-         "profile_fingerprint": profile.fingerprint, "scheduler": profile.scheduler,
-         "guidance_scale": profile.guidance_scale},
-    )
+    return PlannedMask(mask, float(threshold),
+                {"threshold": float(threshold), "sum_from": sum_from, "granularity": granularity,
+                 "profile_fingerprint": profile.fingerprint, "scheduler": profile.scheduler,
+                 "guidance_scale": profile.guidance_scale})
 
 
 def _fraction(profile: ChangeProfile, mask: torch.Tensor) -> float:
-    return Schedule(mask, profile.block_names, None, profile.block_flops, profile.rest_flops).compute_fraction()
+    return compute_fraction(mask, profile.block_flops, profile.rest_flops)
 
 
-def for_budget(profile: ChangeProfile, target: float, *, kind: str = "fraction", sum_from: str = "next",
-               granularity: str = "block") -> Schedule:
-    """The automatic schedule whose compute fraction is the largest not above ``target``.
+def plan_for_budget(profile: ChangeProfile, target: float, *, kind: str = "fraction", sum_from: str = "next",
+                    granularity: str = "block") -> PlannedMask:
+    """The automatic mask whose compute fraction is the largest not above ``target``.
 
     The threshold is found by bisection; compute fractions weigh blocks by the profile's
-    FLOPs (uniform if it has none). The result's ``meta`` records the threshold.
+    FLOPs (uniform if it has none). The plan's ``meta`` records the threshold and the
+    target fraction. Most callers want :meth:`bcc.Schedule.for_budget`, which wraps it.
 
     Args:
         profile: measured change.
         target: a compute fraction in (0, 1] (``kind="fraction"``) or a speedup ≥ 1
             (``kind="speedup"``, i.e. fraction = 1 / target).
         kind: ``"fraction"`` or ``"speedup"``.
-        granularity: ``"block"`` or ``"step"`` (see :func:`from_change`).
+        sum_from: ``"next"`` or ``"literal"`` (see :func:`plan_from_change`).
+        granularity: ``"block"`` or ``"step"`` (see :func:`plan_from_change`).
+
+    Returns:
+        A :class:`PlannedMask` over the profile's blocks.
 
     Example:
         >>> l1 = torch.tensor([[0.0, 0.0], [0.1, 0.4], [0.1, 0.4], [0.1, 0.4]])
-        >>> s = for_budget(ChangeProfile(l1, ["a", "b"]), 0.5)
-        >>> s.compute_fraction(), s.mask.sum().item()  # 4 of 8 is not reachable by any δ
+        >>> plan = plan_for_budget(ChangeProfile(l1, ["a", "b"]), 0.5)
+        >>> compute_fraction(plan.mask), plan.mask.sum().item()  # 4 of 8 is not reachable by any δ
         (0.375, 3)
-        >>> for_budget(ChangeProfile(l1, ["a", "b"]), 0.5, granularity="step").mask.int().tolist()
+        >>> plan_for_budget(ChangeProfile(l1, ["a", "b"]), 0.5, granularity="step").mask.int().tolist()
         [[1, 1], [0, 0], [1, 1], [0, 0]]
     """
     if kind not in ("fraction", "speedup"):
@@ -146,6 +208,5 @@ def for_budget(profile: ChangeProfile, target: float, *, kind: str = "fraction",
                 hi = mid
             else:
                 lo = mid
-    schedule = from_change(profile, hi, sum_from=sum_from, granularity=granularity)
-    schedule.meta.update(target_fraction=fraction)
-    return schedule
+    plan = plan_from_change(profile, hi, sum_from=sum_from, granularity=granularity)
+    return PlannedMask(plan.mask, plan.threshold, {**plan.meta, "target_fraction": fraction})

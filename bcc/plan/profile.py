@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from bcc._io import read_json, write_json
+from bcc._io import freeze, read_json, thaw, write_json
 from bcc.errors import BccError, ErrorCode
 
 __all__ = ["ChangeProfile", "model_fingerprint", "scheduler_info"]
@@ -62,6 +64,10 @@ class ChangeProfile:
         fingerprint: :func:`model_fingerprint` of the model it was measured on.
         scheduler: :func:`scheduler_info` of the sampler's scheduler.
         guidance_scale, num_runs, mode, timesteps: how it was measured.
+        extra: free-form, JSON-like provenance (e.g. the command line that measured it).
+
+    The record is immutable: tensors are private copies, ``scheduler`` and ``extra`` are
+    read-only copies (add provenance with :meth:`with_extra`, which returns a new profile).
 
     Example:
         >>> p = ChangeProfile(torch.tensor([[0.0, 0.0], [0.1, 0.5]]), ["a", "b"])
@@ -75,15 +81,16 @@ class ChangeProfile:
     block_flops: tuple[float, ...] | None = None
     rest_flops: float = 0.0
     fingerprint: str | None = None
-    scheduler: dict[str, Any] | None = None
+    scheduler: Mapping[str, Any] | None = None
     guidance_scale: float | None = None
     num_runs: int = 1
     mode: str = "residual"
     timesteps: tuple[float, ...] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        l1 = torch.as_tensor(self.l1_rel, dtype=torch.float64)
+        # A private copy (as_tensor alone would alias a float64 tensor the caller keeps).
+        l1 = torch.as_tensor(self.l1_rel, dtype=torch.float64).detach().to("cpu").clone()
         names = tuple(self.block_names)
         if l1.dim() != 2 or l1.shape[0] < 1 or l1.shape[1] != len(names) or len(names) == 0:
             raise BccError(
@@ -96,13 +103,35 @@ class ChangeProfile:
         object.__setattr__(self, "l1_rel", l1)
         object.__setattr__(self, "block_names", names)
         if self.l1_std is not None:
-            object.__setattr__(self, "l1_std", torch.as_tensor(self.l1_std, dtype=torch.float64).reshape(l1.shape))
+            std = torch.as_tensor(self.l1_std, dtype=torch.float64).detach().to("cpu").clone()
+            object.__setattr__(self, "l1_std", std.reshape(l1.shape))
         if self.block_flops is not None:
             if len(self.block_flops) != len(names):
                 raise BccError(ErrorCode.CALIBRATION_INVALID, "block_flops needs one value per block.")
             object.__setattr__(self, "block_flops", tuple(float(f) for f in self.block_flops))
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        for name in ("scheduler", "extra"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise BccError(ErrorCode.CALIBRATION_INVALID,
+                               f"ChangeProfile {name} must be a mapping (a dict), got {type(value).__name__}.")
+            object.__setattr__(self, name, None if value is None else freeze(value))
+
+    def __reduce__(self):  # read-only mappings do not pickle (nor deepcopy): rebuild from plain data
+        plain = {f.name: thaw(getattr(self, f.name)) if f.name in ("scheduler", "extra") else getattr(self, f.name)
+                 for f in dataclasses.fields(self)}
+        return _rebuild, (plain,)
+
+    def with_extra(self, **entries: Any) -> "ChangeProfile":
+        """The same profile with ``entries`` added to (or replacing ones in) its ``extra``.
+
+        Example:
+            >>> p = ChangeProfile(torch.zeros(2, 1), ["a"]).with_extra(cli={"steps": 2})
+            >>> p.extra["cli"]["steps"]
+            2
+        """
+        return dataclasses.replace(self, extra={**self.extra, **entries})
 
     @property
     def num_steps(self) -> int:
@@ -143,12 +172,12 @@ class ChangeProfile:
             "block_flops": None if self.block_flops is None else list(self.block_flops),
             "rest_flops": self.rest_flops,
             "fingerprint": self.fingerprint,
-            "scheduler": self.scheduler,
+            "scheduler": None if self.scheduler is None else thaw(self.scheduler),
             "guidance_scale": self.guidance_scale,
             "num_runs": self.num_runs,
             "mode": self.mode,
             "timesteps": None if self.timesteps is None else list(self.timesteps),
-            "extra": self.extra,
+            "extra": thaw(self.extra),
         }
 
     @classmethod
@@ -191,3 +220,7 @@ class ChangeProfile:
             share = 100 * flops[i] / total if total else float("nan")
             lines.append(f"{name:<{width}}  {col.mean():7.3f}  {col.max():6.3f}  {share:6.2f}")
         return "\n".join(lines)
+
+
+def _rebuild(fields: dict[str, Any]) -> ChangeProfile:
+    return ChangeProfile(**fields)

@@ -6,12 +6,16 @@ step ``s``; otherwise the block reuses what it cached when it last ran.
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
+from bcc._io import freeze, read_json, thaw, write_json
 from bcc.errors import BccError, ErrorCode
+from bcc.plan import planner
 
 __all__ = ["Schedule"]
 
@@ -34,7 +38,9 @@ class Schedule:
             ``check=True`` each call's timestep is validated against them.
         block_costs / rest_cost: per-step cost (FLOPs) of each block and of the rest of
             the model; when given, :meth:`compute_fraction` weighs blocks by them.
-        meta: free-form provenance (threshold, profile fingerprint, ...), saved along.
+        meta: free-form, JSON-like provenance (threshold, profile fingerprint, ...),
+            saved along; copied read-only at construction (add to it with
+            :meth:`with_meta`, which returns a new schedule).
 
     Example:
         >>> s = Schedule.every(2, 4, ["a", "b"])
@@ -49,7 +55,7 @@ class Schedule:
     timesteps: tuple[float, ...] | None = field(default=None)
     block_costs: tuple[float, ...] | None = field(default=None)
     rest_cost: float = 0.0
-    meta: dict = field(default_factory=dict, compare=False)
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         mask = self.mask
@@ -102,6 +108,26 @@ class Schedule:
             if len(self.block_costs) != len(names):
                 raise BccError(ErrorCode.SCHEDULE_NAMES, "block_costs needs one cost per block.")
             object.__setattr__(self, "block_costs", tuple(float(c) for c in self.block_costs))
+        if not isinstance(self.meta, Mapping):
+            raise BccError(ErrorCode.CONFIG_INVALID,
+                           f"Schedule meta must be a mapping (a dict of provenance), got {type(self.meta).__name__}.")
+        # Read-only deep copy: a frozen schedule's provenance must not change behind it
+        # (the caller's dict, or a reader writing into schedule.meta).
+        object.__setattr__(self, "meta", freeze(self.meta))
+
+    def __reduce__(self):  # a read-only mapping does not pickle (nor deepcopy): rebuild from a dict
+        return Schedule, (self.mask, self.block_names, self.timesteps, self.block_costs, self.rest_cost,
+                          thaw(self.meta))
+
+    def with_meta(self, **entries: Any) -> "Schedule":
+        """The same schedule with ``entries`` added to (or replacing ones in) its ``meta``.
+
+        Example:
+            >>> s = Schedule.every(2, 4, 1).with_meta(source="profile.json")
+            >>> s.meta["source"], Schedule.every(2, 4, 1).meta
+            ('profile.json', mappingproxy({}))
+        """
+        return dataclasses.replace(self, meta={**self.meta, **entries})
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -158,13 +184,7 @@ class Schedule:
         if block_costs is None and self.block_costs is not None:
             block_costs = self.block_costs
             rest_cost = self.rest_cost if rest_cost is None else rest_cost
-        rest_cost = 0.0 if rest_cost is None else rest_cost
-        costs = torch.ones(self.num_blocks, dtype=torch.float64) if block_costs is None else torch.tensor(
-            list(block_costs), dtype=torch.float64
-        )
-        executed = (self.mask.double() * costs).sum() + rest_cost * self.num_steps
-        total = costs.sum() * self.num_steps + rest_cost * self.num_steps
-        return float(executed / total)
+        return planner.compute_fraction(self.mask, block_costs, 0.0 if rest_cost is None else rest_cost)
 
     def ideal_speedup(self, block_costs: Sequence[float] | None = None, rest_cost: float | None = None) -> float:
         """Total work divided by executed work: the speedup if time followed FLOPs."""
@@ -192,21 +212,48 @@ class Schedule:
             f"compute_fraction={self.compute_fraction():.3f})"
         )
 
-    # -- automatic schedules (bcc.plan) -------------------------------------------
+    # -- automatic schedules (bcc.plan.planner) ----------------------------------
+    @classmethod
+    def from_plan(cls, profile, plan: planner.PlannedMask) -> "Schedule":
+        """Wrap a :class:`bcc.plan.planner.PlannedMask` made from ``profile``: its blocks, timesteps and costs."""
+        return cls(plan.mask, profile.block_names, profile.timesteps, profile.block_flops, profile.rest_flops,
+                   plan.meta)
+
     @classmethod
     def from_change(cls, profile, threshold: float, *, sum_from: str = "next", granularity: str = "block") -> "Schedule":
-        """The paper's automatic schedule (Eq. 7) for threshold ``threshold``; see :func:`bcc.plan.planner.from_change`."""
-        from bcc.plan.planner import from_change
+        """The paper's automatic schedule (Eq. 7): reuse a block until its accumulated change exceeds ``threshold``.
 
-        return from_change(profile, threshold, sum_from=sum_from, granularity=granularity)
+        See :func:`bcc.plan.planner.plan_from_change` for ``sum_from`` and ``granularity``;
+        ``meta`` records the threshold and the profile's provenance.
+
+        Example:
+            >>> from bcc import ChangeProfile
+            >>> p = ChangeProfile(torch.tensor([[0.0], [0.2], [0.2], [0.2], [0.2]]), ["a"])
+            >>> s = Schedule.from_change(p, 0.3)
+            >>> s.mask[:, 0].tolist(), s.meta["threshold"]
+            ([True, False, True, False, True], 0.3)
+        """
+        return cls.from_plan(profile, planner.plan_from_change(profile, threshold, sum_from=sum_from,
+                                                               granularity=granularity))
 
     @classmethod
     def for_budget(cls, profile, target: float, *, kind: str = "fraction", sum_from: str = "next",
                    granularity: str = "block") -> "Schedule":
-        """The automatic schedule closest to a compute budget; see :func:`bcc.plan.planner.for_budget`."""
-        from bcc.plan.planner import for_budget
+        """The automatic schedule with the largest compute fraction not above ``target``.
 
-        return for_budget(profile, target, kind=kind, sum_from=sum_from, granularity=granularity)
+        ``kind="speedup"`` reads ``target`` as an ideal speedup (fraction ``1 / target``);
+        see :func:`bcc.plan.planner.plan_for_budget`. Fractions weigh blocks by the
+        profile's FLOPs; ``meta`` records the threshold found and the target.
+
+        Example:
+            >>> from bcc import ChangeProfile
+            >>> l1 = torch.tensor([[0.0, 0.0], [0.1, 0.4], [0.1, 0.4], [0.1, 0.4]])
+            >>> s = Schedule.for_budget(ChangeProfile(l1, ["a", "b"]), 0.5)
+            >>> s.compute_fraction(), s.meta["target_fraction"]
+            (0.375, 0.5)
+        """
+        return cls.from_plan(profile, planner.plan_for_budget(profile, target, kind=kind, sum_from=sum_from,
+                                                              granularity=granularity))
 
     # -- files --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -219,7 +266,7 @@ class Schedule:
             "block_costs": None if self.block_costs is None else list(self.block_costs),
             "rest_cost": self.rest_cost,
             "compute_fraction": self.compute_fraction(),
-            "meta": self.meta,
+            "meta": thaw(self.meta),
         }
 
     @classmethod
@@ -235,15 +282,11 @@ class Schedule:
 
     def save(self, path) -> None:
         """Write the schedule (mask, names, costs, provenance) as JSON, atomically."""
-        from bcc._io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "Schedule":
         """Read a schedule written by :meth:`save`."""
-        from bcc._io import read_json
-
         return cls.from_dict(read_json(path, "bcc-schedule", 1))
 
     def to_text(self) -> str:

@@ -1,1 +1,3 @@
-"""runtime: the module users call (trajectory state, caches) and the plain hook reference it is tested against."""
+"""runtime: the module users call (:mod:`bcc.runtime.module`), the one trajectory stepper every
+lowering runs in (:mod:`bcc.runtime.stepper`: steps, streams, caches) and the plain hook
+reference the tests compare against (:mod:`bcc.runtime.reference`)."""

@@ -8,48 +8,76 @@ the number of calls of the root model modulo the schedule's length, as in
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
+from bcc.analyze.residual import BlockResiduals
 from bcc.plan.schedule import Schedule
+from bcc.scale_shift.layout import CacheSlot
 
-__all__ = ["HookReference", "residual_bases", "patch_forwards"]
+__all__ = ["HookReference", "CacheEntry", "cache_entry", "patch_forwards"]
 
 
-def residual_bases(leaves: list, inputs: list, mode: str = "residual") -> list[int | None]:
-    """For each output leaf, the index of the input it is a residual of, or None.
+@dataclass(frozen=True)
+class CacheEntry:
+    """What a recomputed block call leaves in the cache.
 
-    The first not-yet-used tensor input of the same shape and dtype; None in output
-    mode or when no input matches (the whole output is cached then).
+    Attributes:
+        spec: the pytree spec of the block's output.
+        consts: the output's non-tensor leaves (``None`` at tensor positions).
+        slots: a :class:`CacheSlot` per output leaf (``None`` for non-tensors).
+        values: per leaf, the cached tensor: ``out - inputs[slot.base]`` or the output.
     """
-    used: set[int] = set()
-    bases: list[int | None] = []
-    for v in leaves:
-        base = None
-        if mode == "residual" and isinstance(v, torch.Tensor):
-            for k, a in enumerate(inputs):
-                if k not in used and isinstance(a, torch.Tensor) and a.shape == v.shape and a.dtype == v.dtype:
-                    used.add(k)
-                    base = k
-                    break
-        bases.append(base)
-    return bases
+
+    spec: pytree.TreeSpec
+    consts: list
+    slots: tuple[CacheSlot | None, ...]
+    values: list[torch.Tensor | None]
+
+    def rebuild(self, inputs: list[torch.Tensor],
+                adjust: Callable[[CacheSlot, torch.Tensor], torch.Tensor] | None = None) -> Any:
+        """The block's output on a reuse step, from this call's tensor ``inputs``;
+        ``adjust(slot, cached)`` corrects each cached value first (scale-shift)."""
+        leaves = list(self.consts)
+        for j, (slot, cached) in enumerate(zip(self.slots, self.values)):
+            if cached is None:
+                continue
+            value = adjust(slot, cached) if adjust is not None else cached
+            if slot.base is not None:
+                leaves[j] = inputs[slot.base] + value
+            else:
+                # The cache is reused at later steps too: never hand it out itself.
+                leaves[j] = value if adjust is not None else value.clone()
+        return pytree.tree_unflatten(leaves, self.spec)
 
 
-def cache_entry(out: Any, inputs: list, mode: str, detach: bool = True) -> tuple:
-    """What a recomputed block leaves in the cache: ``(spec, consts, bases, cached tensors)``.
+def cache_entry(out: Any, inputs: list[torch.Tensor], slots: Sequence[CacheSlot | None],
+                detach: bool = True) -> CacheEntry:
+    """The :class:`CacheEntry` of a recomputed call with output ``out``; ``slots`` come from
+    :meth:`bcc.analyze.residual.BlockResiduals.call` (their bases index ``inputs``).
 
-    ``detach=False`` keeps the autograd history (training through whole trajectories)."""
+    ``detach=False`` keeps the autograd history (training through whole trajectories).
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0])
+        >>> slot = CacheSlot("blk", 0, 0, (2,))
+        >>> e = cache_entry(x * 3, [x], [slot])
+        >>> e.values[0].tolist(), e.rebuild([torch.zeros(2)]).tolist()
+        ([2.0, 4.0], [2.0, 4.0])
+    """
     leaves, spec = pytree.tree_flatten(out)
-    bases = residual_bases(leaves, inputs, mode)
-    cache = [None if not isinstance(v, torch.Tensor) else (v - inputs[b] if b is not None else v.clone())
-             for v, b in zip(leaves, bases)]
-    if detach:
-        cache = [None if v is None else v.detach() for v in cache]
+    values = []
+    for v, slot in zip(leaves, slots):
+        if not isinstance(v, torch.Tensor) or slot is None:
+            values.append(None)
+            continue
+        c = v - inputs[slot.base] if slot.base is not None else v.clone()
+        values.append(c.detach() if detach else c)
     consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-    return spec, consts, bases, cache
+    return CacheEntry(spec, consts, tuple(slots), values)
 
 
 def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable) -> Callable[[], None]:
@@ -77,10 +105,10 @@ def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable)
 class HookReference:
     """Apply ``schedule`` to ``model`` in place by wrapping block forwards.
 
-    Residual mode caches ``out - x`` for every tensor output, where ``x`` is the
-    first not-yet-used tensor argument (positional, then keyword) of the same shape
-    and dtype; outputs without such an argument, and all outputs in output mode,
-    cache the whole tensor.
+    Residual mode caches ``out - x`` for every tensor output, where ``x`` is the tensor
+    argument on the block's identity path (:mod:`bcc.analyze.residual`, the rule the
+    graph rewrite uses, decided at a block's first call per input signature); outputs
+    without one, and all outputs in output mode, cache the whole tensor.
 
     Example:
         >>> class Net(torch.nn.Module):
@@ -103,7 +131,8 @@ class HookReference:
         # A bcc.ScaleShift: reused values become (1 + gamma[step]) * cached + beta[step].
         self.scale_shift = scale_shift
         self.calls = 0
-        self.caches: dict[str, tuple] = {}
+        self.caches: dict[str, CacheEntry] = {}
+        self.residuals = BlockResiduals(mode)
         self._restore = patch_forwards(model, schedule.block_names, self._wrap)
         self._hook = model.register_forward_pre_hook(self._count)
 
@@ -116,19 +145,14 @@ class HookReference:
 
     def _wrap(self, name: str, index: int, forward):
         def wrapped(*args, **kwargs):
-            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             if bool(self.schedule.mask[self.step, index]):
-                out = forward(*args, **kwargs)
-                self.caches[name] = cache_entry(out, inputs, self.mode)
+                out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
+                self.caches[name] = cache_entry(out, inputs, slots)
                 return out
-            spec, consts, bases, cache = self.caches[name]
-            leaves = list(consts)
-            for j, cached in enumerate(cache):
-                if cached is not None:
-                    if self.scale_shift is not None:
-                        cached = self.scale_shift.adjust(self.scale_shift.slot_index(name, j), cached, self.step)
-                    leaves[j] = inputs[bases[j]] + cached if bases[j] is not None else cached.clone()
-            return pytree.tree_unflatten(leaves, spec)
+            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            ss = self.scale_shift
+            adjust = None if ss is None else (lambda slot, cached: ss.adjust(ss.index_of(slot), cached, self.step))
+            return self.caches[name].rebuild(inputs, adjust)
 
         return wrapped
 

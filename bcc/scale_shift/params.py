@@ -21,7 +21,10 @@ multiplies any error in ``c - u`` by ``w``, and one shared shift cannot reduce i
 A schedule fixes the timesteps, so at inference either form is just a table per cached
 tensor, expanded to ``[T, 2, B, C]`` (a row per sample, B the batch), which enters the
 compiled graph as an input and is applied inside the reuse branch. Parameters are tied to the schedule, model and mode they were
-trained for; :meth:`ScaleShift.check_compatible` refuses any other.
+trained for; :meth:`ScaleShift.check_compatible` refuses any other. A correction belongs
+to a :class:`~bcc.scale_shift.layout.CacheSlot` and is found by its block and residual
+stream (or, cached whole, its per-sample shape), so a graph that orders or drops a
+block's outputs differently from the module still gets the right one.
 """
 from __future__ import annotations
 
@@ -29,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,48 +40,18 @@ import torch
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import model_fingerprint
 from bcc.plan.schedule import Schedule
+from bcc.scale_shift.layout import (CacheSlot, batch_broadcast_shape, broadcast_shape, channel_dim,  # noqa: F401
+                                    table_rows)
 
-__all__ = ["ScaleShift", "SlotSpec", "slot_spec", "schedule_fingerprint", "channel_dim", "sinusoidal_embedding",
-           "batch_broadcast_shape", "table_rows"]
+# channel_dim, table_rows and batch_broadcast_shape live in bcc.scale_shift.layout (the
+# graph passes use them and must not import this module); they stay importable here.
+__all__ = ["ScaleShift", "CacheSlot", "check_distinct", "schedule_fingerprint", "channel_dim",
+           "sinusoidal_embedding", "batch_broadcast_shape", "table_rows"]
 
 FORMAT = "bcc-scale-shift"
-VERSION = 1
+# 2: slots are CacheSlot records (with the residual stream); 1: shape-only slots, still read.
+VERSION = 2
 KINDS = ("linear", "table")
-
-
-def channel_dim(rank: int) -> int:
-    """The channel axis of a cached tensor: 1 for ``NCHW``, the last one otherwise."""
-    return 1 if rank == 4 else max(rank - 1, 0)
-
-
-def broadcast_shape(rank: int, channels: int) -> list[int]:
-    """Shape that broadcasts a ``[C]`` vector over a tensor of ``rank`` along its channels."""
-    shape = [1] * rank
-    if rank:
-        shape[channel_dim(rank)] = channels
-    return shape
-
-
-def table_rows(shape: Sequence[int]) -> int:
-    """Rows of the per-sample table for a cached tensor of ``shape``: its batch, or 1
-    when it has no batch axis apart from its channels (rank < 2)."""
-    return int(shape[0]) if len(shape) >= 2 else 1
-
-
-def batch_broadcast_shape(shape: Sequence[int]) -> list[int]:
-    """Shape that broadcasts a ``[B, C]`` per-sample row over a tensor of ``shape``.
-
-    Example:
-        >>> batch_broadcast_shape((4, 8, 2, 2)), batch_broadcast_shape((4, 16, 8))
-        ([4, 8, 1, 1], [4, 1, 8])
-    """
-    rank = len(shape)
-    if rank < 2:
-        return broadcast_shape(rank, _channels(shape))
-    out = [1] * rank
-    out[0] = int(shape[0])
-    out[channel_dim(rank)] = _channels(shape)
-    return out
 
 
 def schedule_fingerprint(schedule: Schedule) -> str:
@@ -105,40 +77,31 @@ def sinusoidal_embedding(t: float, dim: int = 64) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)]).float()
 
 
-@dataclass(frozen=True)
-class SlotSpec:
-    """One cached tensor that gets a correction: output ``output`` of ``block``."""
+def check_distinct(slots: Sequence[CacheSlot]) -> None:
+    """Refuse cached tensors that scale-shift cannot tell apart: two of one block with the
+    same :attr:`CacheSlot.key` (residuals of one stream, or whole outputs of one shape),
+    whose corrections the graph and the module could swap.
 
-    block: str
-    output: int
-    channels: int
-    rank: int
-    #: shape without the batch dim; tells a block's outputs apart (Flux: text vs image tokens)
-    shape: tuple[int, ...] = ()
-
-    def matches(self, block: str, shape: Sequence[int]) -> bool:
-        return self.block == block and (tuple(self.shape) == tuple(shape[1:]) if self.shape
-                                        else self.rank == len(shape) and self.channels == _channels(shape))
-
-
-def _channels(shape: Sequence[int]) -> int:
-    return int(shape[channel_dim(len(shape))]) if len(shape) else 1
-
-
-def slot_spec(block: str, output: int, shape: Sequence[int]) -> SlotSpec:
-    return SlotSpec(block, output, _channels(shape), len(shape), tuple(int(d) for d in shape[1:]))
-
-
-def check_distinct(block: str, shapes: Sequence[Sequence[int]]) -> None:
-    """Refuse a block with two cached outputs of one shape: their corrections could swap."""
-    rest = [tuple(s[1:]) for s in shapes]
-    if len(set(rest)) != len(rest):
-        raise BccError(
-            ErrorCode.SCALE_SHIFT_MISMATCH,
-            f"block {block!r} caches several outputs of the same shape {shapes[0]}; scale-shift cannot tell "
-            "which correction belongs to which (the graph and the module may order them differently). "
-            "Leave this block out of the schedule, or cache without scale-shift.",
-        )
+    Example:
+        >>> a = CacheSlot("blk", 0, None, (2, 3))
+        >>> check_distinct([a, CacheSlot("blk", 1, 0, (2, 3), stream=0)])
+        >>> check_distinct([a, CacheSlot("blk", 1, None, (2, 3))])
+        Traceback (most recent call last):
+        ...
+        bcc.errors.BccError: [BCC505] block 'blk' caches outputs 0 and 1 that scale-shift cannot tell apart ...
+    """
+    seen: dict[tuple, CacheSlot] = {}
+    for s in slots:
+        other = seen.setdefault(s.key, s)
+        if other is not s:
+            what = (f"both residuals of input stream {s.stream}" if s.stream is not None
+                    else f"both cached whole with shape {tuple(s.shape)}")
+            raise BccError(
+                ErrorCode.SCALE_SHIFT_MISMATCH,
+                f"block {s.block!r} caches outputs {other.output} and {s.output} that scale-shift cannot tell "
+                f"apart ({what}): the graph and the module may order them differently. Leave this block out "
+                "of the schedule, or cache without scale-shift.",
+            )
 
 
 class ScaleShift(torch.nn.Module):
@@ -149,19 +112,20 @@ class ScaleShift(torch.nn.Module):
 
     Example:
         >>> s = Schedule.every(2, 4, ["blk"])
-        >>> ss = ScaleShift.identity(s, [SlotSpec("blk", 0, channels=3, rank=4)], kind="table")
+        >>> slot = CacheSlot("blk", 0, None, (1, 3, 2, 2))
+        >>> ss = ScaleShift.identity(s, [slot], kind="table")
         >>> ss.tables()[0].shape
         torch.Size([4, 2, 3])
         >>> x = torch.randn(1, 3, 2, 2)
         >>> torch.equal(ss.adjust(0, x, step=1), x)
         True
-        >>> ScaleShift.identity(s, [SlotSpec("blk", 0, channels=3, rank=4)], groups=2).tables()[0].shape
+        >>> ScaleShift.identity(s, [slot], groups=2).tables()[0].shape
         torch.Size([4, 2, 2, 3])
     """
 
     def __init__(
         self,
-        slots: Sequence[SlotSpec],
+        slots: Sequence[CacheSlot],
         num_steps: int,
         *,
         kind: str = "linear",
@@ -190,6 +154,8 @@ class ScaleShift(torch.nn.Module):
         self.groups = int(groups)
         g = [self.groups] if self.groups > 1 else []
         self.slots = tuple(slots)
+        # Version-1 files know no residual streams: their slots pair by shape alone.
+        self.by_shape = False
         self.num_steps = int(num_steps)
         self.kind = kind
         self.schedule_fp = schedule_fp
@@ -209,7 +175,7 @@ class ScaleShift(torch.nn.Module):
                 torch.nn.Parameter(torch.zeros(self.num_steps, 2, *g, s.channels)) for s in self.slots)
 
     @classmethod
-    def identity(cls, schedule: Schedule, slots: Sequence[SlotSpec], *, kind: str = "table",
+    def identity(cls, schedule: Schedule, slots: Sequence[CacheSlot], *, kind: str = "table",
                  embedding: torch.Tensor | None = None, model: torch.nn.Module | None = None,
                  mode: str = "residual", groups: int = 1) -> "ScaleShift":
         """Identity parameters for ``schedule`` (reproduces naive caching exactly)."""
@@ -217,8 +183,8 @@ class ScaleShift(torch.nn.Module):
                    model_fp=None if model is None else model_fingerprint(model), mode=mode, groups=groups)
 
     @classmethod
-    def for_graph(cls, schedule: Schedule, graph_slots: Sequence[Any], *, model: torch.nn.Module | None = None,
-                  mode: str = "residual") -> "ScaleShift":
+    def for_graph(cls, schedule: Schedule, graph_slots: Sequence[CacheSlot], *,
+                  model: torch.nn.Module | None = None, mode: str = "residual") -> "ScaleShift":
         """Identity ``"table"`` parameters for the cache slots of a rewritten graph.
 
         Example:
@@ -227,8 +193,7 @@ class ScaleShift(torch.nn.Module):
             >>> ScaleShift.for_graph(Schedule.every(2, 3, ["blk"]), [slot]).slots[0].channels
             8
         """
-        specs = [slot_spec(g.block, g.output, g.shape) for g in graph_slots]
-        return cls.identity(schedule, specs, kind="table", model=model, mode=mode)
+        return cls.identity(schedule, graph_slots, kind="table", model=model, mode=mode)
 
     # -- values ----------------------------------------------------------------------
     def slot_table(self, k: int) -> torch.Tensor:
@@ -268,34 +233,40 @@ class ScaleShift(torch.nn.Module):
         gamma, beta = row[0].reshape(shape).to(cached.dtype), row[1].reshape(shape).to(cached.dtype)
         return cached * (1 + gamma) + beta
 
-    def slot_index(self, block: str, output: int) -> int:
-        for k, s in enumerate(self.slots):
-            if s.block == block and s.output == output:
-                return k
-        raise KeyError((block, output))
+    def index_of(self, slot: CacheSlot) -> int:
+        """The index of the parameters' slot for ``slot`` (a rewritten graph's or a hooked
+        call's): same block and residual stream, or for a tensor cached whole the same
+        per-sample shape (see :attr:`CacheSlot.key`), never the output's position.
 
-    def tables_for(self, graph_slots: Sequence[Any]) -> list[torch.Tensor]:
-        """Detached ``[T, 2, B, C]`` tables in the order of a rewritten graph's cache slots.
-
-        Graph slots are matched to this module's slots per block, in order, by shape
-        (a block's graph outputs and its Python outputs list the same tensors).
+        Example:
+            >>> ss = ScaleShift.identity(Schedule.every(2, 3, ["blk"]),
+            ...                          [CacheSlot("blk", 0, None, (2, 4)), CacheSlot("blk", 1, 0, (2, 4), stream=1)])
+            >>> ss.index_of(CacheSlot("blk", 0, 1, (5, 4), stream=1))  # graph order, another batch
+            1
         """
-        taken: set[int] = set()
-        out = []
+        found = [k for k, s in enumerate(self.slots) if s.fits(slot, by_shape=self.by_shape)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            check_distinct([self.slots[k] for k in found])  # raises: they share a key
+        what = (f"a residual of input stream {slot.stream}" if slot.stream is not None else "cached whole")
+        raise BccError(
+            ErrorCode.SCALE_SHIFT_MISMATCH,
+            f"the scale-shift parameters have no slot for output {slot.output} of block {slot.block!r} ({what}, "
+            f"shape {tuple(slot.shape)}); they were trained for other blocks, another cache mode or another "
+            "residual rule. Train scale-shift for this schedule with bcc.train_scale_shift.",
+        )
+
+    def tables_for(self, graph_slots: Sequence[CacheSlot]) -> list[torch.Tensor]:
+        """Detached ``[T, 2, B, C]`` tables in the order of a rewritten graph's cache slots,
+        each paired with this module's slot by :meth:`index_of`."""
         for block in dict.fromkeys(g.block for g in graph_slots):
-            check_distinct(block, [g.shape for g in graph_slots if g.block == block])
+            check_distinct([g for g in graph_slots if g.block == block])
+        out = []
         with torch.no_grad():
             for g in graph_slots:
-                match = next((k for k, s in enumerate(self.slots) if k not in taken and s.matches(g.block, g.shape)), None)
-                if match is None:
-                    raise BccError(
-                        ErrorCode.SCALE_SHIFT_MISMATCH,
-                        f"the scale-shift parameters have no slot for output {g.output} of block {g.block!r} "
-                        f"(shape {tuple(g.shape)}); they were trained for other blocks or another cache mode. "
-                        "Train scale-shift for this schedule with bcc.train_scale_shift.",
-                    )
-                taken.add(match)
-                out.append(self.batch_table(match, g.shape).detach().to(dtype=g.dtype, device=g.device).contiguous())
+                k = self.index_of(g)
+                out.append(self.batch_table(k, g.shape).detach().to(dtype=g.dtype, device=g.device).contiguous())
         return out
 
     # -- compatibility -----------------------------------------------------------------
@@ -332,7 +303,7 @@ class ScaleShift(torch.nn.Module):
         head = {
             "format": FORMAT, "version": VERSION, "kind": self.kind, "num_steps": self.num_steps,
             "schedule_fingerprint": self.schedule_fp, "model_fingerprint": self.model_fp,
-            "mode": self.mode, "slots": [asdict(s) for s in self.slots], "meta": self.meta, "groups": self.groups,
+            "mode": self.mode, "slots": [s.to_dict() for s in self.slots], "meta": self.meta, "groups": self.groups,
             "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
         head.update(extra or {})
@@ -370,18 +341,20 @@ class ScaleShift(torch.nn.Module):
             ) from None
         if head.get("format") != FORMAT:
             raise BccError(ErrorCode.FILE_INVALID, f"{path} is not a {FORMAT} file.")
-        if head.get("version") != VERSION:
+        if head.get("version") not in (1, VERSION):
             raise BccError(
                 ErrorCode.FILE_VERSION,
-                f"{path} has {FORMAT} version {head.get('version')!r}; this bcc reads {VERSION}. Train it again.",
+                f"{path} has {FORMAT} version {head.get('version')!r}; this bcc reads 1 and {VERSION}. "
+                "Train it again.",
             )
-        slots = [SlotSpec(**{**s, "shape": tuple(s.get("shape", ()))}) for s in head["slots"]]
+        slots = [CacheSlot.from_dict(s) for s in head["slots"]]
         emb = tensors.get("embedding")
         ss = cls(slots, head["num_steps"], kind=head["kind"], embedding=emb if head["kind"] == "linear" else None,
                  schedule_fp=head["schedule_fingerprint"], model_fp=head["model_fingerprint"],
                  mode=head["mode"], meta=head.get("meta"), groups=int(head.get("groups", 1)),
                  schedule=Schedule.from_dict(head["schedule"]) if head.get("schedule") else None)
         ss.load_state_dict(tensors)
+        ss.by_shape = head.get("version") == 1
         ss.header = head
         return ss
 

@@ -27,54 +27,168 @@ trajectory's graph (memory grows with the step count). Training needs only condi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.utils._pytree as pytree
 
+from bcc.analyze.residual import BlockResiduals
+from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import model_fingerprint
-from bcc.runtime.reference import cache_entry, patch_forwards
-from bcc.runtime.module import delegating_getattr
-from bcc.scale_shift.params import ScaleShift, SlotSpec, check_distinct, sinusoidal_embedding, slot_spec
 from bcc.plan.schedule import Schedule
+from bcc.runtime.module import delegating_getattr
+from bcc.runtime.reference import CacheEntry, cache_entry, patch_forwards
+from bcc.scale_shift.params import KINDS, CacheSlot, ScaleShift, check_distinct, sinusoidal_embedding
 
-__all__ = ["train_scale_shift", "EMBEDDING_MODULES"]
+__all__ = ["train_scale_shift", "ScaleShiftTrainConfig", "EMBEDDING_MODULES"]
 
 # Where diffusers denoisers compute their timestep embedding: UNet2DConditionModel,
 # PixArt (adaLN-single), SD3/Flux (time + pooled text), DiT-style.
 EMBEDDING_MODULES = ("time_embedding", "adaln_single.emb", "time_text_embed", "t_embedder")
 LOSSES = ("output", "block", "trajectory", "final")
+_MODES = ("residual", "output")
+
+
+def _invalid(message: str) -> BccError:
+    return BccError(ErrorCode.CONFIG_INVALID, message)
+
+
+@dataclass(frozen=True)
+class ScaleShiftTrainConfig:
+    """How :func:`train_scale_shift` trains; frozen, validated on construction.
+
+    Attributes:
+        iterations: trajectories per process (under ``torchrun`` each rank runs its own
+            seeds and gradients are averaged every step). More trajectories see more
+            noise and conditions; each costs a teacher and a student pass per step.
+        kind: ``"table"`` (a free correction per step; default: it trained better on the
+            digits models, see ``results/scale_shift``) or ``"linear"`` (on the timestep
+            embedding, the paper's form: fewer parameters, shared across steps).
+        loss: ``"output"`` (model output vs the teacher on the student's latent),
+            ``"block"`` (each corrected block value vs the teacher's; cheapest, no
+            back-propagation through the network), ``"trajectory"`` (model output vs the
+            teacher on its own trajectory; needs a sampler that is deterministic given
+            condition and seed) or ``"final"`` (the final sample vs the teacher's from the
+            same noise, back-propagated through the whole trajectory: best where it fits,
+            at the memory of one trajectory's graph; needs a deterministic sampler that
+            returns the sample with gradients on).
+        lr: Adam's learning rate. 5e-3 suits 20-step trajectories; at 50 steps it made the
+            digits DiT worse than naive caching and 1e-3 gained 1.6 dB
+            (``results/scale_shift/lr_ddim50.md``): with small per-step errors, Adam's
+            steps of about ``lr`` per entry drift the entries that get little signal.
+        mode: ``"residual"`` or ``"output"``: the cache mode the corrections are for;
+            compile with the same one.
+        seed: iteration ``i`` samples with seed ``seed + i * world + rank``.
+        checkpoint: a ``.safetensors`` path written every ``checkpoint_every`` iterations
+            (rank 0); ``resume=True`` continues from it. Checkpoints cost a file write each.
+        checkpoint_every: iterations between checkpoints.
+        resume: continue from ``checkpoint`` if it exists (same schedule, model, mode, groups).
+        progress: show a tqdm bar (rank 0).
+        timestep_of: ``timestep_of(args, kwargs) -> float`` reads a call's timestep; only
+            ``kind="linear"`` on a model without an embedding module needs it (for the
+            sinusoidal embedding). ``None``: found by name (``timestep``, ``t``, ...) as
+            everywhere in bcc (:func:`bcc.capture.timestep.find_timestep`).
+        guidance_scale: with classifier-free guidance batched as ``[uncond; cond]`` (the
+            diffusers convention), the output losses compare guided predictions
+            ``u + w (c - u)``, which is what the sampler steps with, instead of the raw
+            halves. ``None`` (default) compares raw outputs.
+        groups: ``2`` trains a correction per guidance half (``[uncond; cond]``), which lets
+            the guided loss correct ``c - u``, at twice the parameters; ``1`` (default)
+            shares one across the batch.
+
+    Example:
+        >>> ScaleShiftTrainConfig(iterations=10).replace(lr=1e-3).lr
+        0.001
+        >>> ScaleShiftTrainConfig(loss="l1")
+        Traceback (most recent call last):
+        ...
+        bcc.errors.BccError: [BCC001] loss must be one of ('output', 'block', 'trajectory', 'final'), got 'l1'. ...
+    """
+
+    iterations: int = 100
+    kind: str = "table"
+    loss: str = "output"
+    lr: float = 5e-3
+    mode: str = "residual"
+    seed: int = 0
+    checkpoint: str | os.PathLike | None = None
+    checkpoint_every: int = 10
+    resume: bool = False
+    progress: bool = True
+    timestep_of: Callable[[tuple, dict], float] | None = None
+    guidance_scale: float | None = None
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise _invalid(f"kind must be one of {KINDS}, got {self.kind!r}. Use 'table' (a correction per step) "
+                           "or 'linear' (on the timestep embedding).")
+        if self.loss not in LOSSES:
+            raise _invalid(f"loss must be one of {LOSSES}, got {self.loss!r}. Use 'output' (default) or 'final' "
+                           "when the sampler runs with gradients.")
+        if self.mode not in _MODES:
+            raise _invalid(f"mode must be one of {_MODES}, got {self.mode!r}; use the mode you compile with.")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise _invalid(f"lr must be a positive finite number, got {self.lr!r} (5e-3 suits 20 steps).")
+        for name in ("iterations", "checkpoint_every", "groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise _invalid(f"{name} must be an integer >= 1, got {v!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise _invalid(f"seed must be an integer, got {self.seed!r}.")
+        if self.guidance_scale is not None and not (isinstance(self.guidance_scale, (int, float))
+                                                    and math.isfinite(self.guidance_scale)):
+            raise _invalid(f"guidance_scale must be a finite number or None, got {self.guidance_scale!r}.")
+        if self.timestep_of is not None and not callable(self.timestep_of):
+            raise _invalid("timestep_of must be a function timestep_of(args, kwargs) -> float, or None.")
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(f"{name} must be a bool, got {getattr(self, name)!r}.")
+
+    def replace(self, **changes: Any) -> "ScaleShiftTrainConfig":
+        """A copy with ``changes`` applied and validated (unknown names are refused)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise _invalid(f"unknown training option(s) {unknown}; valid options are {names}.")
+        return dataclasses.replace(self, **changes)
 
 
 class _Student(torch.nn.Module):
     """The model wrapped for distillation: each call runs teacher, student and one update."""
 
-    def __init__(self, model, schedule: Schedule, ss: ScaleShift | None, *, kind, loss, mode, lr, timestep_of,
-                 guidance_scale=None, groups=1):
+    def __init__(self, model, schedule: Schedule, ss: ScaleShift | None, config: ScaleShiftTrainConfig):
         super().__init__()
         # Named like torch.compile's and bcc's wrappers, so code that unwraps them sees the model.
         self._orig_mod = model
         self.schedule = schedule
         self.ss = ss
-        self.kind, self.loss_kind, self.mode, self.lr = kind, loss, mode, lr
-        self.timestep_of = timestep_of
-        self.guidance_scale = guidance_scale
-        self.groups = groups
-        self.optimizer = None if ss is None else torch.optim.Adam(ss.parameters(), lr=lr)
+        # Not "config": samplers read the model's own (model.config.in_channels) through this wrapper.
+        self.train_config = config
+        self.kind = config.kind if ss is None else ss.kind
+        self.loss_kind, self.mode, self.lr = config.loss, config.mode, config.lr
+        self.guidance_scale = config.guidance_scale
+        self.groups = config.groups
+        self.find_timestep = timestep_finder(model.forward)
+        self.optimizer = None if ss is None else torch.optim.Adam(ss.parameters(), lr=self.lr)
         self.calls = 0
         self.targets: list = []  # loss="trajectory": the teacher's outputs on its own trajectory
         self.phase = "teacher"
-        self.caches: dict[str, tuple] = {}
-        self.teacher_vals: dict[str, list] = {}
+        # Teacher and student ask the same rule, once per block and input signature.
+        self.residuals = BlockResiduals(self.mode)
+        self.caches: dict[str, CacheEntry] = {}
+        self.teacher_vals: dict[str, CacheEntry] = {}
         self.reused: list[tuple[int, torch.Tensor, int, str, int]] = []
         self.losses: list[tuple[float, float]] = []
         self.emb_rows: dict[int, torch.Tensor] = {}
         self._emb_capture: torch.Tensor | None = None
-        self.slots: list[SlotSpec] = []
+        self.slots: list[CacheSlot] = []
         self._handles = []
         self._restore = patch_forwards(model, schedule.block_names, self._wrap)
         modules = dict(model.named_modules())
@@ -98,39 +212,50 @@ class _Student(torch.nn.Module):
             # per-sample conditions (SD3/Flux pooled text), then the batch mean is used.
             self._emb_capture = out.detach().float().reshape(out.shape[0], -1).mean(0)
 
+    def _timestep(self, args: tuple, kwargs: dict) -> float:
+        if self.train_config.timestep_of is not None:
+            return float(self.train_config.timestep_of(args, kwargs))
+        found = self.find_timestep(args, kwargs)
+        if found is None:
+            raise BccError(
+                ErrorCode.CONFIG_INVALID,
+                f"kind='linear' needs each step's timestep for its sinusoidal embedding ("
+                f"{type(self._orig_mod).__name__} has none of the modules {EMBEDDING_MODULES}), but the model's "
+                "call has no argument named timestep, timesteps or t. Pass timestep_of=lambda args, kwargs: ... "
+                "to train_scale_shift, or use kind='table'.",
+            )
+        return found.as_float()
+
     def _wrap(self, name: str, index: int, forward):
         def wrapped(*args, **kwargs):
-            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             if self.phase == "teacher":
                 with torch.no_grad():
-                    out = forward(*args, **kwargs)
-                self.teacher_vals[name] = cache_entry(out, inputs, self.mode)[3]
+                    out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
+                self.teacher_vals[name] = cache_entry(out, inputs, slots)
                 return out
             step = self.step
             if bool(self.schedule.mask[step, index]):
                 # Not no_grad: a block downstream of a reused one carries the gradient on.
-                out = forward(*args, **kwargs)
-                self.caches[name] = cache_entry(out, inputs, self.mode, detach=self.loss_kind != "final")
+                out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
+                self.caches[name] = cache_entry(out, inputs, slots, detach=self.loss_kind != "final")
                 return out
-            spec, consts, bases, cache = self.caches[name]
-            leaves = list(consts)
-            for j, cached in enumerate(cache):
-                if cached is None:
-                    continue
-                k = self.ss.slot_index(name, j)
-                adj = self.ss.adjust(k, cached, step)
-                self.reused.append((k, cached, step, name, j))
-                leaves[j] = inputs[bases[j]] + adj if bases[j] is not None else adj
-            return pytree.tree_unflatten(leaves, spec)
+            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+
+            def adjust(slot: CacheSlot, cached: torch.Tensor) -> torch.Tensor:
+                k = self.ss.index_of(slot)
+                self.reused.append((k, cached, step, name, slot.output))
+                return self.ss.adjust(k, cached, step)
+
+            return self.caches[name].rebuild(inputs, adjust)
 
         return wrapped
 
     def _init_parameters(self, device) -> None:
-        # At step 0 every block ran in the teacher pass, so every cached tensor's shape is known.
+        # At step 0 every block ran in the teacher pass, so every cached tensor is known.
         for name in self.schedule.block_names:
-            vals = [(j, v) for j, v in enumerate(self.teacher_vals[name]) if v is not None]
-            check_distinct(name, [tuple(v.shape) for _, v in vals])
-            self.slots.extend(slot_spec(name, j, tuple(v.shape)) for j, v in vals)
+            slots = [s for s in self.teacher_vals[name].slots if s is not None]
+            check_distinct(slots)
+            self.slots.extend(slots)
         T = self.schedule.num_steps
         emb = None
         if self.kind == "linear":
@@ -159,7 +284,7 @@ class _Student(torch.nn.Module):
         if self.kind == "linear" and step not in self.emb_rows:
             row = self._emb_capture
             if row is None:
-                row = sinusoidal_embedding(self.timestep_of(args, kwargs), self.ss.embedding.shape[1])
+                row = sinusoidal_embedding(self._timestep(args, kwargs), self.ss.embedding.shape[1])
             # Unit L1 norm: Adam moves each weight by about lr per update, so gamma and beta
             # then move by at most lr too, as in the table form, whatever the embedding's scale.
             row = row / row.abs().sum().clamp_min(1e-12)
@@ -183,13 +308,13 @@ class _Student(torch.nn.Module):
             out_loss = sum(torch.mean((s.float() - t.float()) ** 2) for s, t in pairs) / len(pairs)
             terms = []
             for k, cached, s, name, j in self.reused:
-                want = self.teacher_vals[name][j].float()
+                want = self.teacher_vals[name].values[j].float()
                 got = self.ss.adjust(k, cached, s).float()
                 terms.append(torch.mean((got - want) ** 2) / (torch.mean(want ** 2) + 1e-12))
             block_loss = sum(terms) / len(terms)
         loss = block_loss if self.loss_kind == "block" else out_loss
         if not torch.isfinite(loss):
-            raise _Diverged(float(loss), step)
+            raise _Diverged(float(loss.detach()), step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         _all_reduce_grads(self.ss)
@@ -284,30 +409,13 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _default_timestep(args, kwargs) -> float:
-    t = kwargs.get("timestep", kwargs.get("t", args[1] if len(args) > 1 else 0.0))
-    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-
-
 def train_scale_shift(
     model: torch.nn.Module,
     schedule: Schedule,
     sample: Callable[[torch.nn.Module, Any, int], Any],
     conditions: Sequence[Any],
-    *,
-    iterations: int = 100,
-    kind: str = "table",
-    loss: str = "output",
-    lr: float = 5e-3,
-    mode: str = "residual",
-    seed: int = 0,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 10,
-    resume: bool = False,
-    progress: bool = True,
-    timestep_of: Callable[[tuple, dict], float] = _default_timestep,
-    guidance_scale: float | None = None,
-    groups: int = 1,
+    config: ScaleShiftTrainConfig | None = None,
+    **overrides: Any,
 ) -> ScaleShift:
     """Learn scale-shift corrections for ``schedule`` by distilling the uncached model.
 
@@ -317,29 +425,9 @@ def train_scale_shift(
         sample: ``sample(model, condition, seed)`` runs one whole trajectory, calling
             ``model`` once per step (the same function :func:`bcc.calibrate` takes).
         conditions: labels or prompts; iteration ``i`` uses ``conditions[i % len]``.
-        iterations: trajectories per process (under ``torchrun`` each rank runs its own
-            seeds and gradients are averaged every step).
-        kind: ``"table"`` (a free correction per step; default: it trained better on the
-            digits models, see ``results/scale_shift``) or ``"linear"`` (on the timestep
-            embedding, the paper's form).
-        loss: ``"output"`` (model output vs the teacher on the student's latent),
-            ``"block"`` (each corrected block value vs the teacher's), ``"trajectory"``
-            (model output vs the teacher on its own trajectory; needs a sampler that is
-            deterministic given condition and seed) or ``"final"`` (the final sample vs the
-            teacher's from the same noise, back-propagated through the whole trajectory;
-            needs a deterministic sampler that returns the sample with gradients on).
-        lr: Adam's learning rate. 5e-3 suits 20-step trajectories; at 50 steps it made the
-            digits DiT worse than naive caching and 1e-3 gained 1.6 dB
-            (``results/scale_shift/lr_ddim50.md``): with small per-step errors, Adam's
-            steps of about ``lr`` per entry drift the entries that get little signal.
-        checkpoint: a ``.safetensors`` path written every ``checkpoint_every``
-            iterations (rank 0); ``resume=True`` continues from it.
-        guidance_scale: with classifier-free guidance batched as ``[uncond; cond]`` (the
-            diffusers convention), the output losses compare guided predictions
-            ``u + w (c - u)``, which is what the sampler steps with, instead of the raw
-            halves. ``None`` (default) compares raw outputs.
-        groups: ``2`` trains a correction per guidance half (``[uncond; cond]``), which lets
-            the guided loss correct ``c - u``; ``1`` (default) shares one across the batch.
+        config: a :class:`ScaleShiftTrainConfig` (iterations, kind, loss, lr, mode,
+            checkpoints, guidance, groups; its fields document their trade-offs).
+        **overrides: fields of the config to change, e.g. ``iterations=150, loss="final"``.
 
     Returns:
         The trained :class:`ScaleShift`; ``.history`` has the mean losses per iteration.
@@ -360,12 +448,7 @@ def train_scale_shift(
         >>> len(ss.history), ss.tables()[0].shape
         (3, torch.Size([4, 2, 3]))
     """
-    if kind not in ("linear", "table"):
-        raise BccError(ErrorCode.CONFIG_INVALID, f"kind must be 'linear' or 'table', got {kind!r}.")
-    if loss not in LOSSES:
-        raise BccError(ErrorCode.CONFIG_INVALID, f"loss must be one of {LOSSES}, got {loss!r}.")
-    if not (lr > 0 and math.isfinite(lr)) or iterations < 1:
-        raise BccError(ErrorCode.CONFIG_INVALID, f"need lr > 0 and iterations >= 1 (got lr={lr}, iterations={iterations}).")
+    config = (config or ScaleShiftTrainConfig()).replace(**overrides)
     if bool(schedule.mask.all()):
         raise BccError(
             ErrorCode.NOTHING_TO_TRAIN,
@@ -374,9 +457,11 @@ def train_scale_shift(
         )
     if not conditions:
         raise BccError(ErrorCode.CONFIG_INVALID, "conditions is empty; pass the labels or prompts to train on.")
+    iterations, loss, lr, seed = config.iterations, config.loss, config.lr, config.seed
+    checkpoint, groups, mode = config.checkpoint, config.groups, config.mode
     rank, world = _rank_world()
     ss, start = None, 0
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    if config.resume and checkpoint is not None and Path(checkpoint).exists():
         ss = ScaleShift.load(checkpoint)
         ss.check_compatible(schedule, model, mode)
         if ss.groups != groups:
@@ -389,13 +474,12 @@ def train_scale_shift(
         ss = ss.to(_device(model))
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    student = _Student(model, schedule, ss, kind=kind if ss is None else ss.kind, loss=loss, mode=mode, lr=lr,
-                       timestep_of=timestep_of, guidance_scale=guidance_scale, groups=groups)
+    student = _Student(model, schedule, ss, config)
     if ss is not None and ss.kind == "linear":
         student.emb_rows = {s: ss.embedding[s] for s in range(ss.num_steps)}
     history: list[dict[str, float]] = list((ss.meta.get("history") if ss is not None else None) or [])
     last_good = None
-    bar = _progress(range(start, iterations), progress and rank == 0, "scale-shift")
+    bar = _progress(range(start, iterations), config.progress and rank == 0, "scale-shift")
     try:
         for it in bar:
             index = it * world + rank
@@ -436,7 +520,8 @@ def train_scale_shift(
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history[-1]['loss_' + loss]:.3g}")
             student.ss.meta.update(_meta(student, loss, lr, seed, history))
-            if checkpoint is not None and rank == 0 and ((it + 1) % checkpoint_every == 0 or it + 1 == iterations):
+            if checkpoint is not None and rank == 0 and ((it + 1) % config.checkpoint_every == 0
+                                                         or it + 1 == iterations):
                 last_good = student.ss.save(checkpoint, iteration=it + 1)
     finally:
         student.remove()

@@ -14,20 +14,18 @@ traceback instead); anything else is a bug and keeps its traceback. ``bcc calibr
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
-import math
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from bcc.errors import BccError, ErrorCode
+import bcc
+from bcc import BccError, ChangeProfile, ErrorCode, Schedule
+from bcc.tools.cli_common import add_sampling_args, calibration_setup, parse_int_list, process_group
+from bcc.tools.cli_train import add_train_parser
 
 __all__ = ["main", "parse_int_list"]
 
-DIGITS_MODELS = ("digits-unet", "digits-dit")
 EXIT_ERROR = 2
 
 
@@ -38,127 +36,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """Parse ``"0-9"``, ``"1,3,7"`` or ``"0-2,5"`` into a list of distinct ints, in order.
-
-    Example:
-        >>> parse_int_list("0-2,5", "--classes")
-        [0, 1, 2, 5]
-        >>> parse_int_list(" ", "--classes")
-        Traceback (most recent call last):
-        ...
-        bcc.errors.BccError: [BCC001] --classes is empty; give a list like 0-9 or 1,3,7.
-    """
-    out: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            lo, _, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-            a, b = int(lo), int(hi) if hi else int(lo)
-        except ValueError:
-            raise BccError(ErrorCode.CONFIG_INVALID, f"{what} has {part!r}, not an integer or a range like 0-9.") from None
-        if b < a:
-            raise BccError(ErrorCode.CONFIG_INVALID, f"{what} has the empty range {part!r}; write it low-high.")
-        out.extend(v for v in range(a, b + 1) if v not in out)
-    if not out:
-        raise BccError(ErrorCode.CONFIG_INVALID, f"{what} is empty; give a list like 0-9 or 1,3,7.")
-    return out
-
-
 # -- calibrate --------------------------------------------------------------------------
-def _calibrate_setup(args) -> tuple[Any, Callable, list, list, Any, float | None, dict]:
-    """Validate, load the model; returns (model, sample, conditions, seeds, scheduler, guidance, meta)."""
-    if args.steps < 2:
-        raise BccError(ErrorCode.CALIBRATION_INVALID,
-                       f"--steps must be >= 2 (change is measured between consecutive steps), got {args.steps}.")
-    seeds = parse_int_list(args.seeds, "--seeds")
-    meta: dict[str, Any] = {"model": args.model, "steps": args.steps, "seeds": seeds}
-    if args.model.startswith("zoo:"):
-        from bcc.tools import zoo
-
-        name = args.model[4:]
-        if name not in zoo.MODELS:
-            raise BccError(ErrorCode.CONFIG_INVALID, f"unknown zoo model {name!r}; choose from {sorted(zoo.MODELS)}.")
-        for flag in ("classes", "per_class", "guidance", "scheduler", "model_dir"):
-            if getattr(args, flag) is not None:
-                raise BccError(ErrorCode.CONFIG_INVALID,
-                               f"--{flag.replace('_', '-')} applies to the digits models only, not {args.model}.")
-        if args.latent < 1 or args.batch < 1:
-            raise BccError(ErrorCode.CONFIG_INVALID, "--latent and --batch must be >= 1.")
-        model, _, _ = zoo.build(name, latent=args.latent, batch=args.batch, seed=0)
-        _, extra, latent, batch = model._bcc_zoo
-
-        def sample(m, condition, seed):  # a synthetic trajectory: fresh inputs per step
-            for step in range(args.steps):
-                a, k = zoo.step_inputs(name, m, extra, latent=latent, batch=batch, step=step, seed=seed,
-                                       num_steps=args.steps)
-                m(*a, **k)
-
-        meta.update(latent=latent, batch=batch)
-        return model, sample, [name], seeds, None, None, meta
-    if args.model not in DIGITS_MODELS:
-        raise BccError(ErrorCode.CONFIG_INVALID,
-                       f"unknown --model {args.model!r}; use {' or '.join(DIGITS_MODELS)}, or zoo:<name>.")
-    classes = parse_int_list("0-9" if args.classes is None else args.classes, "--classes")
-    if any(not 0 <= c <= 9 for c in classes):
-        raise BccError(ErrorCode.CONFIG_INVALID, f"--classes must lie in 0-9, got {classes}.")
-    per_class = 4 if args.per_class is None else args.per_class
-    guidance = 3.0 if args.guidance is None else args.guidance
-    if per_class < 1:
-        raise BccError(ErrorCode.CONFIG_INVALID, f"--per-class must be >= 1, got {per_class}.")
-    if not math.isfinite(guidance) or guidance < 0:
-        raise BccError(ErrorCode.CONFIG_INVALID, f"--guidance must be a finite number >= 0, got {guidance}.")
-    from bcc.tools import digits
-
-    loader = digits.load_digits_unet if args.model == "digits-unet" else digits.load_digits_dit
-    model, conditioner, train_scheduler = loader(args.model_dir)
-    scheduler = digits.make_scheduler(args.scheduler or "ddim", train_scheduler)
-
-    grad = getattr(args, "loss", None) == "final"  # 'bcc train --loss final' back-propagates through it
-
-    def sample(m, label, seed):  # guided sampling of per_class images of one label
-        return digits.sample(m, conditioner, scheduler, [label] * per_class, num_steps=args.steps,
-                             guidance_scale=guidance, seed=seed, grad=grad)
-
-    meta.update(classes=classes, per_class=per_class, scheduler_kind=args.scheduler or "ddim")
-    return model, sample, classes, seeds, scheduler, guidance, meta
-
-
-@contextlib.contextmanager
-def process_group():
-    """Under torchrun (WORLD_SIZE > 1) join a gloo group for the block; yields (world, rank)."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dist = torch.distributed
-    created = world > 1 and not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo")
-    try:
-        yield world, (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
 def _cmd_calibrate(args) -> int:
     import torch
 
-    from bcc.plan.calibrate import calibrate
-
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    model, sample, conditions, seeds, scheduler, guidance, meta = _calibrate_setup(args)
+    setup = calibration_setup(args)
     blocks: Any = "attention" if args.blocks == "attention" else [b.strip() for b in args.blocks.split(",") if b.strip()]
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    with process_group() as (world, rank):
-        profile = calibrate(model, sample, conditions, seeds, blocks=blocks, mode=args.mode, scheduler=scheduler,
-                            guidance_scale=guidance, progress=progress)
-    if rank != 0:
+    with process_group() as group:
+        profile = bcc.calibrate(setup.model, setup.sample, setup.conditions, setup.seeds, blocks=blocks, mode=args.mode,
+                                scheduler=setup.scheduler, guidance_scale=setup.guidance_scale, progress=progress)
+    if group.rank != 0:
         return 0
-    meta["world_size"] = world
-    profile = dataclasses.replace(profile, extra={**profile.extra, "cli": meta})
+    world = group.world_size
+    profile = profile.with_extra(cli={**setup.meta, "world_size": world})
     profile.save(args.out)
     print(profile.summary())
     print(f"wrote {args.out}: {profile.num_steps} steps x {profile.num_blocks} blocks, {profile.num_runs} runs"
@@ -172,9 +65,6 @@ def _cmd_calibrate(args) -> int:
 
 # -- schedule ---------------------------------------------------------------------------
 def _cmd_schedule(args) -> int:
-    from bcc.plan.profile import ChangeProfile
-    from bcc.plan.schedule import Schedule
-
     sum_from = "literal" if args.literal else "next"
     if args.every is not None:
         if args.literal:
@@ -206,7 +96,7 @@ def _cmd_schedule(args) -> int:
             schedule = Schedule.for_budget(profile, args.budget, kind="fraction", sum_from=sum_from, granularity=g)
         else:
             schedule = Schedule.for_budget(profile, args.speedup, kind="speedup", sum_from=sum_from, granularity=g)
-        schedule.meta["profile"] = str(args.profile)
+        schedule = schedule.with_meta(profile=str(args.profile))
     schedule.save(args.out)
     print(schedule.to_text())
     _print_schedule_numbers(schedule)
@@ -223,7 +113,7 @@ def _print_schedule_numbers(schedule) -> None:
     print(f"compute fraction {schedule.compute_fraction():.4f} ({weighted}), "
           f"ideal speedup {schedule.ideal_speedup():.3f}x, "
           f"recomputes {int(schedule.mask.sum())}/{schedule.mask.numel()}")
-    meta = schedule.meta or {}
+    meta = schedule.meta
     if "threshold" in meta:
         print(f"threshold delta {meta['threshold']:.6g} (sum_from={meta.get('sum_from', 'next')})"
               + (f", target fraction {meta['target_fraction']:.4f}" if "target_fraction" in meta else ""))
@@ -234,9 +124,6 @@ def _print_schedule_numbers(schedule) -> None:
 # -- show / plot -------------------------------------------------------------------------
 def _load(path: str):
     """A ChangeProfile or Schedule, told apart by the file's ``format`` field."""
-    from bcc.plan.profile import ChangeProfile
-    from bcc.plan.schedule import Schedule
-
     p = Path(path)
     if not p.is_file():
         raise BccError(ErrorCode.FILE_INVALID, f"{p} does not exist{' (it is a folder)' if p.is_dir() else ''}; check the path.")
@@ -254,8 +141,6 @@ def _load(path: str):
 
 
 def _cmd_show(args) -> int:
-    from bcc.plan.profile import ChangeProfile
-
     obj = _load(args.file)
     if isinstance(obj, ChangeProfile):
         sched = obj.scheduler["name"] if obj.scheduler else None
@@ -264,20 +149,19 @@ def _cmd_show(args) -> int:
         if obj.timesteps:
             print("timesteps " + " ".join(f"{t:g}" for t in obj.timesteps))
         if obj.extra:
-            print("extra " + json.dumps(obj.extra, sort_keys=True))
+            print("extra " + json.dumps(obj.to_dict()["extra"], sort_keys=True))
         print(obj.summary())
     else:
         print(f"schedule {args.file}: {obj.num_steps} steps x {obj.num_blocks} blocks")
         _print_schedule_numbers(obj)
         if obj.meta:
-            print("meta " + json.dumps(obj.meta, sort_keys=True, default=str))
+            print("meta " + json.dumps(obj.to_dict()["meta"], sort_keys=True, default=str))
         print(obj.to_text())
     return 0
 
 
 def _cmd_plot(args) -> int:
     from bcc.tools.plot import plot_change, plot_schedule
-    from bcc.plan.profile import ChangeProfile
 
     obj = _load(args.file)
     if isinstance(obj, ChangeProfile):
@@ -320,8 +204,7 @@ def _export_model(args) -> tuple[Any, tuple, dict]:
 def _cmd_export(args) -> int:
     import torch
 
-    from bcc.lower.export import export, meta_path, save_exported
-    from bcc.plan.schedule import Schedule
+    from bcc.lower.export import meta_path
 
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
@@ -329,11 +212,9 @@ def _cmd_export(args) -> int:
     model, margs, mkwargs = _export_model(args)
     ss = None
     if args.scale_shift:
-        from bcc.scale_shift.params import ScaleShift
-
-        ss = ScaleShift.load(args.scale_shift)
-    ep = export(model, schedule, (margs, mkwargs), schedule_input=not args.baked, mode=args.mode, scale_shift=ss)
-    path = save_exported(ep, args.out, aoti=args.aoti)
+        ss = bcc.ScaleShift.load(args.scale_shift)
+    ep = bcc.export(model, schedule, (margs, mkwargs), schedule_input=not args.baked, mode=args.mode, scale_shift=ss)
+    path = bcc.save_exported(ep, args.out, aoti=args.aoti)
     print(f"wrote {path} ({'AOTInductor package' if args.aoti else 'torch.export program'}, "
           f"{schedule.num_blocks} gated blocks, {schedule.num_steps} steps, schedule "
           f"{'baked in' if args.baked else 'as an input'}, static input shape {tuple(margs[0].shape)})")
@@ -342,25 +223,7 @@ def _cmd_export(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
-def add_sampling_args(c: argparse.ArgumentParser) -> None:
-    """The model and sampler options shared by the commands that run trajectories."""
-    c.add_argument("--model", required=True, metavar="NAME", help="digits-unet, digits-dit, or zoo:<name> (e.g. zoo:unet-tiny)")
-    c.add_argument("--model-dir", metavar="DIR", help="digits model folder (default: the shipped one)")
-    c.add_argument("--scheduler", choices=("ddim", "dpm", "ddpm"), help="digits sampler (default ddim)")
-    c.add_argument("--steps", type=int, metavar="T", default=20, help="sampling steps (default 20)")
-    c.add_argument("--guidance", type=float, metavar="W", help="classifier-free guidance scale for digits (default 3.0; 1 = off)")
-    c.add_argument("--classes", metavar="LIST", help="digit labels, e.g. 0-9 (default) or 1,3,7")
-    c.add_argument("--per-class", type=int, metavar="N", help="images per run (batch of one label; default 4)")
-    c.add_argument("--latent", type=int, metavar="N", default=8, help="zoo models: latent size (default 8)")
-    c.add_argument("--batch", type=int, metavar="N", default=2, help="zoo models: batch size (default 2)")
-    c.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
-    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from bcc import __version__
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
@@ -373,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "  bcc schedule --profile profile.json --budget 0.9 --out schedule.json --plot schedule.png\n"
                      "  bcc show schedule.json\n"
                      "  torchrun --nproc_per_node 4 -m bcc.tools.cli calibrate --model digits-unet --out profile.json")
-    parser.add_argument("--version", action="version", version=f"bcc {__version__}")
+    parser.add_argument("--version", action="version", version=f"bcc {bcc.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -462,8 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("which", choices=["quality", "speed"], help="which benchmark")
     b.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
     b.set_defaults(func=_cmd_bench)
-    from bcc.tools.cli_train import add_train_parser
-
     add_train_parser(sub, common)
     return parser
 

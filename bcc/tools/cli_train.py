@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bcc.errors import BccError, ErrorCode
+import bcc
+from bcc import BccError, ErrorCode
+from bcc.tools.cli_common import add_sampling_args, calibration_setup, process_group
 
 __all__ = ["add_train_parser"]
 
 
 def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
-    from bcc.tools.cli import add_sampling_args
-
+    """Add ``bcc train`` to the ``bcc`` parser's subcommands (``common``: the shared ``--debug``)."""
     t = sub.add_parser(
         "train", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train scale-shift corrections for a schedule (distillation)",
@@ -46,27 +47,25 @@ def add_train_parser(sub, common: argparse.ArgumentParser) -> None:
 def _cmd_train(args) -> int:
     import torch
 
-    from bcc.tools.cli import _calibrate_setup, process_group
-    from bcc.scale_shift.train import train_scale_shift
-    from bcc.plan.schedule import Schedule
-
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
-    schedule = Schedule.load(args.schedule)
+    schedule = bcc.Schedule.load(args.schedule)
     if schedule.num_steps != args.steps:
         raise BccError(ErrorCode.SCHEDULE_MISMATCH,
                        f"the schedule has {schedule.num_steps} steps but --steps is {args.steps}; pass --steps "
                        f"{schedule.num_steps} (the corrections are trained for the schedule's trajectory).")
     if args.per_class is None and not args.model.startswith("zoo:"):
         args.per_class = 8  # a larger batch per trajectory than calibration's 4: steadier gradients
-    model, sample, conditions, _, _, guidance, _ = _calibrate_setup(args)
+    setup = calibration_setup(args)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    with process_group() as (world, rank):
-        ss = train_scale_shift(model, schedule, sample, conditions, iterations=args.iterations, kind=args.kind,
-                               loss=args.loss, lr=args.lr, mode=args.mode, seed=args.seed, checkpoint=args.out,
-                               checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress,
-                               groups=args.groups, guidance_scale=guidance if args.guided_loss else None)
-    if rank == 0:
+    with process_group() as group:
+        ss = bcc.train_scale_shift(
+            setup.model, schedule, setup.sample, setup.conditions, iterations=args.iterations, kind=args.kind,
+            loss=args.loss, lr=args.lr, mode=args.mode, seed=args.seed, checkpoint=args.out,
+            checkpoint_every=args.checkpoint_every, resume=args.resume, progress=progress, groups=args.groups,
+            guidance_scale=setup.guidance_scale if args.guided_loss else None)
+    world = group.world_size
+    if group.rank == 0:
         first, last = ss.history[0][f"loss_{args.loss}"], ss.history[-1][f"loss_{args.loss}"]
         print(f"wrote {args.out}: {args.kind} scale-shift, {len(ss.slots)} cached tensors, {ss.num_parameters():,} "
               f"parameters; {args.loss} loss {first:.3g} -> {last:.3g} over {len(ss.history)} trajectories"

@@ -22,8 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
-from bcc.plan.profile import ChangeProfile  # noqa: E402
-from bcc.plan.schedule import Schedule  # noqa: E402
+from bcc import ChangeProfile, Schedule  # noqa: E402
 
 __all__ = ["plot_change", "plot_schedule", "lifetimes", "MAX_LINES_PER_AXES"]
 
@@ -212,7 +211,7 @@ def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     ax.grid(axis="x", alpha=0.25)
     title = f"Cache schedule, {K} blocks × {T} steps\ncompute fraction {schedule.compute_fraction():.3f}, " \
             f"ideal speedup {schedule.ideal_speedup():.2f}x"
-    threshold = schedule.meta.get("threshold") if isinstance(schedule.meta, dict) else None
+    threshold = schedule.meta.get("threshold")
     if threshold is not None:
         title += f", δ = {threshold:.4g}"
     ax.set_title(title, fontsize=10)

@@ -10,11 +10,15 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["MODELS", "build", "step_inputs"]
+from bcc.errors import BccError, ErrorCode
+
+__all__ = ["MODELS", "ZooSpec", "build", "spec_of", "step_inputs"]
 
 
 def _unet(**config):
@@ -133,6 +137,71 @@ MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
 }
 
 
+def _read_only(value: Any) -> Any:
+    # The spec is shared by every trajectory built from the model: nobody may edit it.
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _read_only(v) for k, v in value.items()})
+    return value
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """What :func:`build` made a model from, so later steps' inputs can be made to match.
+
+    Attributes:
+        name: the :data:`MODELS` key.
+        extra: the model's conditioning inputs as shapes without the batch (read-only),
+            e.g. ``{"encoder_hidden_states": (3, 32)}``.
+        latent: latent height and width (Flux: tokens per side).
+        batch: batch size.
+
+    Example:
+        >>> model, _, _ = build("unet-tiny")
+        >>> spec = spec_of(model)
+        >>> spec.name, spec.latent, spec.batch, dict(spec.extra)
+        ('unet-tiny', 8, 2, {'encoder_hidden_states': (3, 32)})
+        >>> args, kwargs = spec.step_inputs(model, step=3, num_steps=5)
+        >>> tuple(args[0].shape), int(args[1])
+        ((2, 4, 8, 8), 399)
+    """
+
+    name: str
+    extra: Mapping[str, Any]
+    latent: int
+    batch: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", _read_only(self.extra))
+
+    def __reduce__(self):  # a read-only mapping does not pickle (nor deepcopy): rebuild from a dict
+        return ZooSpec, (self.name, _plain(self.extra), self.latent, self.batch)
+
+    def step_inputs(self, model: torch.nn.Module, *, step: int, seed: int = 0, num_steps: int = 20) -> tuple[tuple, dict]:
+        """:func:`step_inputs` for this model at its own latent size and batch."""
+        return step_inputs(self.name, model, self.extra, latent=self.latent, batch=self.batch, step=step, seed=seed,
+                           num_steps=num_steps)
+
+
+def _plain(value: Any) -> Any:
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+
+
+def spec_of(model: torch.nn.Module) -> ZooSpec:
+    """The :class:`ZooSpec` of a model made by :func:`build`.
+
+    Example:
+        >>> spec_of(torch.nn.Linear(1, 1))
+        Traceback (most recent call last):
+        ...
+        bcc.errors.BccError: [BCC001] Linear was not built by bcc.tools.zoo.build, so it has no zoo spec; build it with zoo.build(name).
+    """
+    spec = getattr(model, "_bcc_zoo", None)
+    if not isinstance(spec, ZooSpec):
+        raise BccError(ErrorCode.CONFIG_INVALID, f"{type(model).__name__} was not built by bcc.tools.zoo.build, so it "
+                       "has no zoo spec; build it with zoo.build(name).")
+    return spec
+
+
 def build(name: str, *, latent: int = 8, batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, tuple, dict]:
     """Build model ``name`` with random weights and example inputs for one step.
 
@@ -143,7 +212,8 @@ def build(name: str, *, latent: int = 8, batch: int = 2, seed: int = 0) -> tuple
         seed: seeds both the weights and the inputs.
 
     Returns:
-        ``(model, args, kwargs)`` with ``model`` in eval mode.
+        ``(model, args, kwargs)`` with ``model`` in eval mode; :func:`spec_of` gives
+        what it was built from.
     """
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
@@ -151,11 +221,11 @@ def build(name: str, *, latent: int = 8, batch: int = 2, seed: int = 0) -> tuple
     model, extra = MODELS[name](latent)
     model.eval()
     args, kwargs = step_inputs(name, model, extra, latent=latent, batch=batch, step=0, seed=seed)
-    model._bcc_zoo = (name, extra, latent, batch)
+    model._bcc_zoo = ZooSpec(name, extra, latent, batch)
     return model, args, kwargs
 
 
-def step_inputs(name: str, model: torch.nn.Module, extra: dict, *, latent: int, batch: int, step: int, seed: int = 0,
+def step_inputs(name: str, model: torch.nn.Module, extra: Mapping[str, Any], *, latent: int, batch: int, step: int, seed: int = 0,
                 num_steps: int = 20) -> tuple[tuple, dict]:
     """Inputs for sampling step ``step``: fresh latents, a decreasing timestep, fixed conditions."""
     g = torch.Generator().manual_seed(seed * 1000 + step)
@@ -166,7 +236,7 @@ def step_inputs(name: str, model: torch.nn.Module, extra: dict, *, latent: int, 
         return torch.randn((batch, *shape), generator=gen)
 
     def build_extra(spec: Any) -> Any:
-        if isinstance(spec, dict):
+        if isinstance(spec, Mapping):
             return {k: build_extra(v) for k, v in spec.items()}
         if spec is None:
             return None

@@ -30,6 +30,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,19 +122,29 @@ def schedules_for(w: Workload, names, profile) -> dict[str, bcc.Schedule]:
     return out
 
 
-def _time_variants(w: Workload, variants: dict[str, tuple[Callable, Callable | None]], repeats: int, log) -> dict:
+@dataclass(frozen=True)
+class _Variant:
+    """One timed denoiser and what to run before each of its trajectories (swap in its schedule)."""
+
+    fn: Callable
+    before: Callable[[], Any] | None = None
+
+    def prepare(self) -> Callable:
+        """Run ``before`` and return the denoiser to time."""
+        if self.before is not None:
+            self.before()
+        return self.fn
+
+
+def _time_variants(w: Workload, variants: dict[str, _Variant], repeats: int, log) -> dict:
     """Alternate whole trajectories of every variant ``repeats`` times; medians."""
     totals = {k: [] for k in variants}
     steps = {k: [] for k in variants}
-    for fn, before in variants.values():  # warm-up: first calls capture, compile, allocate
-        if before is not None:
-            before()
-        w.run(fn)
+    for variant in variants.values():  # warm-up: first calls capture, compile, allocate
+        w.run(variant.prepare())
     for r in range(repeats):
-        for key, (fn, before) in variants.items():
-            if before is not None:
-                before()
-            timer = _StepTimer(fn)
+        for key, variant in variants.items():
+            timer = _StepTimer(variant.prepare())
             t0 = time.perf_counter()
             w.run(timer)
             totals[key].append(time.perf_counter() - t0)
@@ -183,11 +194,11 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     log(f"   compile (first call): plain {comp['plain']['first_call_s']:.1f}s, bcc {comp['bcc']['first_call_s']:.1f}s")
     result["compile"] = comp
 
-    def setter(model, s):
-        return lambda: model.set_schedule(s)
+    def scheduled(model, s) -> _Variant:
+        return _Variant(model, lambda: model.set_schedule(s))
 
-    variants = {"plain": (plain_c, None)}
-    variants.update({f"bcc[{k}]": (bcc_c, setter(bcc_c, s)) for k, s in sched.items()})
+    variants = {"plain": _Variant(plain_c)}
+    variants.update({f"bcc[{k}]": scheduled(bcc_c, s) for k, s in sched.items()})
     if specialize:
         # One graph per distinct row, compiled at first use: time that separately.
         spec = bcc.compile(w.model, sched["all"], strategy="specialize")
@@ -198,21 +209,20 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
         rows = spec.bcc_stats()["graphs"]
         comp["specialize"] = {"all_rows_s": time.perf_counter() - t0, "graphs": rows}
         log(f"   specialize: {rows} distinct rows compiled in {comp['specialize']['all_rows_s']:.1f}s")
-        variants.update({f"spec[{k}]": (spec, setter(spec, s)) for k, s in sched.items()})
+        variants.update({f"spec[{k}]": scheduled(spec, s) for k, s in sched.items()})
     g0 = _graphs()
     timed = _time_variants(w, variants, repeats, log)
     result["graphs_during_timing"] = _graphs() - g0  # 0: every schedule reuses the one compiled graph
     result["compiled"] = timed
     if eager:
         bcc_e = bcc.compile(w.model, sched["all"], backend="eager")
-        ev = {"plain": (w.model, None)}
-        ev.update({f"bcc[{k}]": (bcc_e, setter(bcc_e, sched[k])) for k in eager_schedules if k in sched})
+        ev = {"plain": _Variant(w.model)}
+        ev.update({f"bcc[{k}]": scheduled(bcc_e, sched[k]) for k in eager_schedules if k in sched})
         result["eager"] = _time_variants(w, ev, repeats, log)
     # Memory: one more trajectory per compiled variant, sampled outside the timed runs.
     mem = {}
-    for key, (fn, before) in variants.items():
-        if before is not None:
-            before()
+    for key, variant in variants.items():
+        fn = variant.prepare()
         with _PeakRss() as m:
             w.run(fn)
         mem[key] = {"peak_rss_delta_mb": (m.peak - m.base) / 2**20, "peak_rss_mb": m.peak / 2**20}
@@ -228,7 +238,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
                 result["schedules"][k][backend] = {"speedup": t["plain"]["trajectory_s"] / t[key]["trajectory_s"]}
     _rows(result, costs, rest)
     if w.trained:
-        result["fidelity"] = _fidelity(w, bcc_c, sched, variants)
+        result["fidelity"] = _fidelity(w, bcc_c, sched)
     if peers:
         from bcc.tools.bench.peers_bench import bench_peers, compare_with_bcc
 
@@ -239,7 +249,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     return result
 
 
-def _fidelity(w: Workload, bcc_model, sched, variants) -> dict:
+def _fidelity(w: Workload, bcc_model, sched) -> dict:
     """Paired PSNR of each schedule against the plain model from the same noise."""
     from bcc.tools.metrics import paired_report
 
@@ -267,13 +277,14 @@ def recost(out: Path, names) -> None:
     current counter and recompute fractions, ideals and efficiencies (the timings stay)."""
     from bcc.tools import zoo
     from bcc.tools.bench.speed_report import write_report
-    from bcc.tools.bench.workloads import _ZOO
+    from bcc.tools.bench.workloads import ZOO_WORKLOADS
 
     data = json.loads((out / "speed.json").read_text())["workloads"]
     for name in names:
         r = data[name]
-        zoo_name, default, *_ = _ZOO[name]
-        model, args, kwargs = zoo.build(zoo_name, latent=int(r.get("latent") or default), batch=int(r.get("batch") or 2))
+        spec = ZOO_WORKLOADS[name]
+        model, args, kwargs = zoo.build(spec.model, latent=int(r.get("latent") or spec.latent),
+                                        batch=int(r.get("batch") or 2))
         costs, rest = block_flops(model, args, kwargs, r["blocks"])
         r.update(block_flops=costs, rest_flops=rest, recosted=(
             "FLOP costs recounted after the run with attention counted (the run's counter rated the fused "

@@ -18,7 +18,7 @@ import torch
 
 from bcc.tools import zoo
 
-__all__ = ["Workload", "build_workload", "WORKLOADS", "UNET_BLOCKS"]
+__all__ = ["Workload", "ZooWorkload", "build_workload", "WORKLOADS", "ZOO_WORKLOADS", "UNET_BLOCKS"]
 
 # Every ResNet, transformer and resampling block of a UNet: the paper's choice, and
 # what leaves the least uncached work per step.
@@ -107,15 +107,36 @@ def _digits(arch: str, steps: int, n: int) -> Workload:
                     f"shipped bcc-digits {arch}, 16x16, {n} labels with guidance (batch {2 * n}), DDIM-{steps}", sched)
 
 
-# name -> (zoo model, default latent, family, blocks, description); the digits models apart.
-_ZOO = {
-    "sd15": ("sd15", 32, "unet", UNET_BLOCKS, "SD-1.5-config UNet (860M, random weights), latent {l}x{l}"),
-    "pixart-alpha": ("pixart-alpha", 16, "dit", "attention",
-                     "PixArt-alpha-config DiT (28 blocks, width 1152, random weights), latent {l}x{l} (patch 2)"),
-    "unet-tiny": ("unet-tiny", 8, "unet", UNET_BLOCKS, "tiny UNet (random weights), latent {l}x{l}"),
-    "pixart": ("pixart", 8, "dit", "attention", "tiny PixArt (random weights), latent {l}x{l}"),
+@dataclass(frozen=True)
+class ZooWorkload:
+    """How a random-weight workload is built from a :mod:`bcc.tools.zoo` model.
+
+    Attributes:
+        model: the zoo model's name.
+        latent: default latent side.
+        family: ``"unet"`` or ``"dit"``.
+        blocks: block selector (a tuple of globs, or ``"attention"``).
+        describe: one line for the results; ``{l}`` stands for the latent side.
+    """
+
+    model: str
+    latent: int
+    family: str
+    blocks: Any
+    describe: str
+
+
+_UNET = tuple(UNET_BLOCKS)
+# The random-weight workloads by name; the digits models are apart.
+ZOO_WORKLOADS = {
+    "sd15": ZooWorkload("sd15", 32, "unet", _UNET, "SD-1.5-config UNet (860M, random weights), latent {l}x{l}"),
+    "pixart-alpha": ZooWorkload(
+        "pixart-alpha", 16, "dit", "attention",
+        "PixArt-alpha-config DiT (28 blocks, width 1152, random weights), latent {l}x{l} (patch 2)"),
+    "unet-tiny": ZooWorkload("unet-tiny", 8, "unet", _UNET, "tiny UNet (random weights), latent {l}x{l}"),
+    "pixart": ZooWorkload("pixart", 8, "dit", "attention", "tiny PixArt (random weights), latent {l}x{l}"),
 }
-WORKLOADS = (*_ZOO, "digits-unet", "digits-dit")
+WORKLOADS = (*ZOO_WORKLOADS, "digits-unet", "digits-dit")
 
 
 def build_workload(name: str, *, latent: int | None = None, batch: int = 2, steps: int = 20, n: int = 20,
@@ -127,10 +148,11 @@ def build_workload(name: str, *, latent: int | None = None, batch: int = 2, step
     """
     if name in ("digits-unet", "digits-dit"):
         return _digits(name.split("-")[1], steps, n)
-    if name not in _ZOO:
+    if name not in ZOO_WORKLOADS:
         raise KeyError(f"unknown workload {name!r}; choose from {list(WORKLOADS)}")
-    zoo_name, default, family, blocks, text = _ZOO[name]
-    latent = latent or default
-    describe = text.format(l=latent) + f", batch {batch}, DDIM-{steps}" + (
+    spec = ZOO_WORKLOADS[name]
+    latent = latent or spec.latent
+    describe = spec.describe.format(l=latent) + f", batch {batch}, DDIM-{steps}" + (
         f", {dtype} on {device}" if str(device) != "cpu" or dtype != torch.float32 else "")
-    return _zoo(zoo_name, latent, batch, steps, family, blocks, describe, device, dtype)
+    blocks = list(spec.blocks) if isinstance(spec.blocks, tuple) else spec.blocks
+    return _zoo(spec.model, latent, batch, steps, spec.family, blocks, describe, device, dtype)

@@ -1,0 +1,113 @@
+"""capture: the Python state a capture froze into its graph, and whether it changed since.
+
+``torch.export`` runs the model's Python once, so every plain attribute it read
+becomes a constant of the graph: FreeU's ``s1, s2, b1, b2`` on a UNet's up blocks
+(``pipe.enable_freeu``), which attention processor a module holds
+(``set_attn_processor``), fused QKV (``fuse_qkv_projections``), a LoRA layer's
+``scaling`` and active adapters, train/eval mode, hooks. Changing one afterwards is
+invisible to the graph, so a compiled model would silently keep the old behaviour.
+:func:`frozen_state` records all of it as a comparable value; the runtime takes it at
+each capture and compares at each trajectory start, like replaced parameters, and
+captures again on a change.
+
+What is recorded, for every module (its path and object): the value of each plain
+attribute (numbers, strings, ``None`` and containers of them, private ones included),
+the identity of every other public attribute (a processor object, a replaced
+``forward``) with the plain attributes of that object, and the identity of each
+registered hook. Tensors are compared by identity only: nothing reads a value.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["frozen_state"]
+
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+# nn.Module bookkeeping held elsewhere (parameters and buffers are compared by the
+# runtime's own check) or irrelevant to what a graph computes.
+_SKIP = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
+                   "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+                   "_is_full_backward_hook", "_version"})
+_HOOKS = frozenset({"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"})
+
+
+class _Same:
+    """Compares by identity; holds the object, so no new object can take its id."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __repr__(self) -> str:
+        return f"<{type(self.obj).__qualname__} at {id(self.obj):#x}>"
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as comparable plain data, or ``None``-marker ``_NOT_PLAIN`` if it is not plain."""
+    if isinstance(value, _SIMPLE):
+        return (type(value).__name__, repr(value))  # repr: NaN == NaN, and 1 != True
+    if depth < 3 and isinstance(value, (tuple, list)):
+        items = [_plain(v, depth + 1) for v in value]
+        return _NOT_PLAIN if _NOT_PLAIN in items else (type(value).__name__, tuple(items))
+    if depth < 3 and isinstance(value, dict):
+        items = [(repr(k), _plain(v, depth + 1)) for k, v in value.items()]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for _, v in items) else ("dict", tuple(sorted(items)))
+    if depth < 3 and isinstance(value, (set, frozenset)):
+        items = sorted(repr(v) for v in value)
+        return ("set", tuple(items))
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+def _attribute(key: str, value: Any) -> Any:
+    plain = _plain(value)
+    if plain is not _NOT_PLAIN:
+        return plain
+    if key in _HOOKS and isinstance(value, dict):
+        return ("hooks", tuple(_Same(h) for h in value.values()))
+    if key.startswith("_"):
+        return _NOT_PLAIN  # private objects are bookkeeping (hook registries, caches)
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        return _Same(value)
+    inner = getattr(value, "__dict__", None)
+    details = () if not isinstance(inner, dict) else tuple(
+        sorted((k, p) for k, v in inner.items() if (p := _plain(v)) is not _NOT_PLAIN))
+    return (_Same(value), details)
+
+
+def frozen_state(model: torch.nn.Module) -> tuple:
+    """A value equal between two calls exactly when no Python state a capture may have
+    read changed in between (see the module docstring).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        >>> before = frozen_state(net)
+        >>> before == frozen_state(net)
+        True
+        >>> net[1].b1 = 1.2  # what pipe.enable_freeu does to a UNet's up blocks
+        >>> frozen_state(net) == before
+        False
+    """
+    state = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        attrs = []
+        for key, value in vars(module).items():
+            if key in _SKIP:
+                continue
+            recorded = _attribute(key, value)
+            if recorded is not _NOT_PLAIN:
+                attrs.append((key, recorded))
+        state.append((name, _Same(module), tuple(attrs)))
+    return tuple(state)
