@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.analyze.residual import decide_residuals, fx_dataflow
 from bcc.errors import BccInternalError
-from bcc.scale_shift.layout import CacheSlot, batch_broadcast_shape
+from bcc.analyze.slots import CacheSlot, batch_broadcast_shape
 
 from bcc.passes.annotate_blocks import BLOCKS, META
 from bcc.passes.lift_weights import WEIGHTS

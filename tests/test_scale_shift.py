@@ -8,7 +8,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import bcc
 from bcc import BccError, ErrorCode, Schedule, ScaleShift
 from bcc.runtime.reference import HookReference
-from bcc.scale_shift.layout import CacheSlot
+from bcc.analyze.slots import CacheSlot
 
 from testing import Toy, ToyTwoOut, built, run, trajectory_inputs
 

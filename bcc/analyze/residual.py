@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bcc.capture.signature import signature_of
 from bcc.errors import BccWarning
-from bcc.scale_shift.layout import CacheSlot
+from bcc.analyze.slots import CacheSlot
 
 __all__ = ["Value", "TensorMeta", "OpRecord", "Dataflow", "Residual", "decide_residuals", "fx_dataflow",
            "record_call", "BlockResiduals"]

@@ -15,12 +15,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from bcc.analyze.blocks import ATTENTION, BlockSelector
+from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions
 from bcc.analyze.residual import BlockResiduals
+from bcc.capture.graph import capture
 from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import ChangeProfile, model_fingerprint, scheduler_info
-from bcc.runtime.reference import patch_forwards
+from bcc.analyze.hooks import patch_forwards
 
 __all__ = ["calibrate", "block_flops"]
 
@@ -203,8 +204,6 @@ def calibrate(
 
 
 def _resolve_blocks(model, sample, first_run, example_inputs, blocks):
-    from bcc.api import find_blocks
-
     if example_inputs is None:
         example_inputs = _first_call(model, sample, first_run)
     args, kwargs = example_inputs
@@ -215,7 +214,7 @@ def _resolve_blocks(model, sample, first_run, example_inputs, blocks):
         if missing:
             raise BccError(ErrorCode.BLOCK_NOT_FOUND, f"model has no module(s) {missing}; list blocks with bcc.find_blocks.")
     else:
-        names = find_blocks(model, (args, kwargs), blocks=blocks)
+        names = [b.name for b in find_block_regions(capture(model, args, kwargs).gm, blocks)]
     flops, rest = block_flops(model, args, kwargs, names)
     return names, flops, rest
 

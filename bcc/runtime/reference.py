@@ -8,98 +8,14 @@ the number of calls of the root model modulo the schedule's length, as in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
 import torch
 import torch.utils._pytree as pytree
 
+from bcc.analyze.hooks import CacheEntry, cache_entry, patch_forwards
 from bcc.analyze.residual import BlockResiduals
 from bcc.plan.schedule import Schedule
-from bcc.scale_shift.layout import CacheSlot
 
-__all__ = ["HookReference", "CacheEntry", "cache_entry", "patch_forwards"]
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """What a recomputed block call leaves in the cache.
-
-    Attributes:
-        spec: the pytree spec of the block's output.
-        consts: the output's non-tensor leaves (``None`` at tensor positions).
-        slots: a :class:`CacheSlot` per output leaf (``None`` for non-tensors).
-        values: per leaf, the cached tensor: ``out - inputs[slot.base]`` or the output.
-    """
-
-    spec: pytree.TreeSpec
-    consts: list
-    slots: tuple[CacheSlot | None, ...]
-    values: list[torch.Tensor | None]
-
-    def rebuild(self, inputs: list[torch.Tensor],
-                adjust: Callable[[CacheSlot, torch.Tensor], torch.Tensor] | None = None) -> Any:
-        """The block's output on a reuse step, from this call's tensor ``inputs``;
-        ``adjust(slot, cached)`` corrects each cached value first (scale-shift)."""
-        leaves = list(self.consts)
-        for j, (slot, cached) in enumerate(zip(self.slots, self.values)):
-            if cached is None:
-                continue
-            value = adjust(slot, cached) if adjust is not None else cached
-            if slot.base is not None:
-                leaves[j] = inputs[slot.base] + value
-            else:
-                # The cache is reused at later steps too: never hand it out itself.
-                leaves[j] = value if adjust is not None else value.clone()
-        return pytree.tree_unflatten(leaves, self.spec)
-
-
-def cache_entry(out: Any, inputs: list[torch.Tensor], slots: Sequence[CacheSlot | None],
-                detach: bool = True) -> CacheEntry:
-    """The :class:`CacheEntry` of a recomputed call with output ``out``; ``slots`` come from
-    :meth:`bcc.analyze.residual.BlockResiduals.call` (their bases index ``inputs``).
-
-    ``detach=False`` keeps the autograd history (training through whole trajectories).
-
-    Example:
-        >>> x = torch.tensor([1.0, 2.0])
-        >>> slot = CacheSlot("blk", 0, 0, (2,))
-        >>> e = cache_entry(x * 3, [x], [slot])
-        >>> e.values[0].tolist(), e.rebuild([torch.zeros(2)]).tolist()
-        ([2.0, 4.0], [2.0, 4.0])
-    """
-    leaves, spec = pytree.tree_flatten(out)
-    values = []
-    for v, slot in zip(leaves, slots):
-        if not isinstance(v, torch.Tensor) or slot is None:
-            values.append(None)
-            continue
-        c = v - inputs[slot.base] if slot.base is not None else v.clone()
-        values.append(c.detach() if detach else c)
-    consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-    return CacheEntry(spec, consts, tuple(slots), values)
-
-
-def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable) -> Callable[[], None]:
-    """Set each named module's ``forward`` to ``wrap(name, index, forward)``; returns the undo.
-
-    An instance attribute shadows the class's ``forward``, so undoing deletes it again
-    (or puts back an instance attribute that was there before).
-    """
-    modules = dict(model.named_modules())
-    originals = {}
-    for i, name in enumerate(names):
-        originals[name] = modules[name].__dict__.get("forward")
-        modules[name].forward = wrap(name, i, modules[name].forward)
-
-    def restore() -> None:
-        for name, original in originals.items():
-            if original is None:
-                del modules[name].forward
-            else:
-                modules[name].forward = original
-
-    return restore
+__all__ = ["HookReference"]
 
 
 class HookReference:

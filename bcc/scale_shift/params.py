@@ -22,7 +22,7 @@ A schedule fixes the timesteps, so at inference either form is just a table per 
 tensor, expanded to ``[T, 2, B, C]`` (a row per sample, B the batch), which enters the
 compiled graph as an input and is applied inside the reuse branch. Parameters are tied to the schedule, model and mode they were
 trained for; :meth:`ScaleShift.check_compatible` refuses any other. A correction belongs
-to a :class:`~bcc.scale_shift.layout.CacheSlot` and is found by its block and residual
+to a :class:`~bcc.analyze.slots.CacheSlot` and is found by its block and residual
 stream (or, cached whole, its per-sample shape), so a graph that orders or drops a
 block's outputs differently from the module still gets the right one.
 """
@@ -33,17 +33,18 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from bcc._io import freeze, thaw
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import model_fingerprint
 from bcc.plan.schedule import Schedule
-from bcc.scale_shift.layout import (CacheSlot, batch_broadcast_shape, broadcast_shape, channel_dim,  # noqa: F401
+from bcc.analyze.slots import (CacheSlot, batch_broadcast_shape, broadcast_shape, channel_dim,  # noqa: F401
                                     table_rows)
 
-# channel_dim, table_rows and batch_broadcast_shape live in bcc.scale_shift.layout (the
+# channel_dim, table_rows and batch_broadcast_shape live in bcc.analyze.slots (the
 # graph passes use them and must not import this module); they stay importable here.
 __all__ = ["ScaleShift", "CacheSlot", "check_distinct", "schedule_fingerprint", "channel_dim",
            "sinusoidal_embedding", "batch_broadcast_shape", "table_rows"]
@@ -161,7 +162,7 @@ class ScaleShift(torch.nn.Module):
         self.schedule_fp = schedule_fp
         self.model_fp = model_fp
         self.mode = mode
-        self.meta: dict[str, Any] = dict(meta or {})
+        self._meta = freeze(dict(meta or {}))
         if kind == "linear":
             emb = embedding.detach().float()
             self.register_buffer("embedding", emb)
@@ -174,6 +175,22 @@ class ScaleShift(torch.nn.Module):
             self.table = torch.nn.ParameterList(
                 torch.nn.Parameter(torch.zeros(self.num_steps, 2, *g, s.channels)) for s in self.slots)
 
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        """Training provenance (loss, lr, history, ...), read-only: change it with :meth:`annotate`."""
+        return self._meta
+
+    def annotate(self, **entries: Any) -> None:
+        """Record training provenance; the parameters are training state anyway, so this one
+        method is where their description changes (readers never mutate :attr:`meta`).
+
+        Example:
+            >>> ss = ScaleShift.identity(Schedule.every(2, 2, ["blk"]), [CacheSlot("blk", 0, None, (1, 4))])
+            >>> ss.annotate(loss="output"); ss.meta["loss"]
+            'output'
+        """
+        self._meta = freeze({**thaw(self._meta), **entries})
     @classmethod
     def identity(cls, schedule: Schedule, slots: Sequence[CacheSlot], *, kind: str = "table",
                  embedding: torch.Tensor | None = None, model: torch.nn.Module | None = None,
@@ -303,7 +320,7 @@ class ScaleShift(torch.nn.Module):
         head = {
             "format": FORMAT, "version": VERSION, "kind": self.kind, "num_steps": self.num_steps,
             "schedule_fingerprint": self.schedule_fp, "model_fingerprint": self.model_fp,
-            "mode": self.mode, "slots": [s.to_dict() for s in self.slots], "meta": self.meta, "groups": self.groups,
+            "mode": self.mode, "slots": [s.to_dict() for s in self.slots], "meta": thaw(self._meta), "groups": self.groups,
             "schedule": None if self.schedule is None else self.schedule.to_dict(),
         }
         head.update(extra or {})

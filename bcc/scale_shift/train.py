@@ -43,7 +43,8 @@ from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import model_fingerprint
 from bcc.plan.schedule import Schedule
 from bcc.runtime.module import delegating_getattr
-from bcc.runtime.reference import CacheEntry, cache_entry, patch_forwards
+from bcc._io import thaw
+from bcc.analyze.hooks import CacheEntry, cache_entry, patch_forwards
 from bcc.scale_shift.params import KINDS, CacheSlot, ScaleShift, check_distinct, sinusoidal_embedding
 
 __all__ = ["train_scale_shift", "ScaleShiftTrainConfig", "EMBEDDING_MODULES"]
@@ -477,7 +478,7 @@ def train_scale_shift(
     student = _Student(model, schedule, ss, config)
     if ss is not None and ss.kind == "linear":
         student.emb_rows = {s: ss.embedding[s] for s in range(ss.num_steps)}
-    history: list[dict[str, float]] = list((ss.meta.get("history") if ss is not None else None) or [])
+    history: list[dict[str, float]] = thaw(ss.meta.get("history") if ss is not None else None) or []
     last_good = None
     bar = _progress(range(start, iterations), config.progress and rank == 0, "scale-shift")
     try:
@@ -519,7 +520,7 @@ def train_scale_shift(
                 history[-1].pop("loss_block")
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history[-1]['loss_' + loss]:.3g}")
-            student.ss.meta.update(_meta(student, loss, lr, seed, history))
+            student.ss.annotate(**_meta(student, loss, lr, seed, history))
             if checkpoint is not None and rank == 0 and ((it + 1) % config.checkpoint_every == 0
                                                          or it + 1 == iterations):
                 last_good = student.ss.save(checkpoint, iteration=it + 1)

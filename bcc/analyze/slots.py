@@ -1,4 +1,4 @@
-"""The layout of cached tensors: the one cache-slot record and pure shape helpers.
+"""analyze: the cached tensors of a block — the one cache-slot record and pure shape helpers.
 
 The rewrite (``bcc.passes``), the runtime, the hook reference and scale-shift all
 describe a cached tensor with :class:`CacheSlot`; this module imports nothing of
