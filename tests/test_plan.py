@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import bcc
 from bcc import BccError, ChangeProfile, ErrorCode, Schedule
+from bcc.plan.budget import resample_profile
 from bcc.plan.planner import PlannedMask, compute_fraction, plan_for_budget, plan_from_change
 
 from_change, for_budget = Schedule.from_change, Schedule.for_budget
@@ -244,3 +245,75 @@ def test_profile_is_immutable_and_copies_its_inputs():
 
     for r in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
         assert r.extra == q.extra and torch.equal(r.l1_rel, q.l1_rel)
+
+
+# -- bcc.Plan: one recipe, any step count ----------------------------------------------------
+def _curve_profile(steps, names=("a", "b"), seed=0):
+    l1 = torch.rand(steps, len(names), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    l1[0] = 0
+    return ChangeProfile(l1, list(names), block_flops=[2.0, 1.0], rest_flops=1.0)
+
+
+def test_plan_serves_any_step_count_from_the_nearest_profile():
+    p6, p12 = _curve_profile(6, seed=1), _curve_profile(12, seed=2)
+    plan = bcc.Plan((p6, p12), budget=0.7)
+    assert plan.profile_for(6) is p6 and plan.profile_for(12) is p12
+    assert plan.schedule_for(6).meta["plan_resampled_from"] is None
+    assert torch.equal(plan.schedule_for(6).mask, for_budget(p6, 0.7).mask)  # exact step count: the profile itself
+    assert [plan.schedule_for(t).meta["plan_resampled_from"] for t in (4, 7, 9, 11, 30)] == [6, 6, 12, 12, 12]
+    for t in (2, 7, 30):
+        s = plan.schedule_for(t)
+        assert s.num_steps == t and s.block_names == ("a", "b") and s.compute_fraction() <= 0.7 + 1e-9
+        assert bool(s.mask[0].all())
+
+
+def test_resampling_keeps_the_total_change_and_spreads_it_over_time():
+    p = _curve_profile(10, seed=3)
+    for t in (2, 5, 10, 17, 40):
+        q = resample_profile(p, t)
+        assert q.num_steps == t and float(q.l1_rel[0].abs().sum()) == 0.0
+        torch.testing.assert_close(q.l1_rel.sum(0), p.l1_rel.sum(0))
+        assert q.block_flops == p.block_flops and q.fingerprint == p.fingerprint
+    assert resample_profile(p, 10) is p
+    # twice the steps: each new step carries about half an old step's change
+    q = resample_profile(ChangeProfile(torch.tensor([[0.0], [0.4], [0.4]]), ["a"]), 5)
+    assert [round(v, 6) for v in q.l1_rel[:, 0].tolist()] == [0.0, 0.2, 0.2, 0.2, 0.2]
+
+
+def test_a_threshold_plan_keeps_its_meaning_across_step_counts():
+    flat = ChangeProfile(torch.tensor([[0.0]] + [[0.1]] * 10), ["a"])  # 1.0 of change over the trajectory
+    plan = bcc.Plan(flat, threshold=0.25)
+    # about four refreshes after step 0 whatever the step count: the change per step scales with it
+    assert [int(plan.schedule_for(t).mask[1:].sum()) for t in (11, 21, 41)] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "exactly one of budget"), ({"budget": 0.5, "threshold": 0.1}, "exactly one of budget"),
+    ({"budget": 1.5}, "budget must be a number in"), ({"speedup": 0.5}, "speedup must be"),
+    ({"threshold": -1.0}, "threshold must be"), ({"budget": 0.5, "granularity": "layer"}, "granularity"),
+])
+def test_plan_validates_its_fields(kwargs, match):
+    with pytest.raises(BccError, match=match) as e:
+        bcc.Plan(_curve_profile(4), **kwargs)
+    assert e.value.code is ErrorCode.CONFIG_INVALID
+
+
+def test_plan_refuses_profiles_of_other_blocks_or_one_step_count_twice():
+    with pytest.raises(BccError, match="same blocks"):
+        bcc.Plan((_curve_profile(4), _curve_profile(6, names=("a", "c"))), budget=0.8)
+    with pytest.raises(BccError, match="one step count"):
+        bcc.Plan((_curve_profile(4, seed=1), _curve_profile(4, seed=2)), budget=0.8)
+    with pytest.raises(BccError, match="ChangeProfile"):
+        bcc.Plan("profile.json", budget=0.8)
+
+
+def test_plan_is_frozen_and_round_trips():
+    profiles = [_curve_profile(4), _curve_profile(8, seed=5)]
+    plan = bcc.Plan(profiles, speedup=1.4, granularity="step")
+    profiles.append(_curve_profile(16))  # the plan keeps its own tuple
+    assert len(plan.profiles) == 2
+    with pytest.raises(Exception):
+        plan.budget = 0.5
+    back = bcc.Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back.speedup == 1.4 and back.granularity == "step"
+    assert torch.equal(back.schedule_for(6).mask, plan.schedule_for(6).mask)

@@ -5,9 +5,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import bcc
-from bcc import Schedule
+from bcc import BccError, ErrorCode, Schedule, StepRef
 
-from testing import built, changing_schedule, first_tensor, run, trajectory_inputs
+from testing import Double, Toy, ToySkip, built, changing_schedule, first_tensor, run, trajectory_inputs
 
 
 def test_one_graph_zero_recompiles_over_two_20_step_trajectories():
@@ -103,3 +103,122 @@ def test_check_mode_accepts_a_correct_loop_twice():
     b = run(fast, inputs)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# -- a hand-written loop: the trajectory marker, plans, check mode -----------------------------
+
+def _toy_plan(steps=4):
+    l1 = torch.tensor([[0.0, 0.0]] + [[0.3, 0.1]] * (steps - 1), dtype=torch.float64)
+    return bcc.Plan(bcc.ChangeProfile(l1, ["b0", "b1"]), budget=0.75)
+
+
+def _loop(fast, steps, streams=1, start=999.0):
+    xs = [torch.full((2,), float(s + 1)) for s in range(steps)]
+    out = []
+    with torch.no_grad():
+        for s in range(steps):
+            t = torch.tensor(start - 100.0 * s)
+            out += [fast(xs[s] * (k + 1), t) for k in range(streams)]
+    return out
+
+
+def test_a_marked_trajectory_serves_a_plan_at_any_step_count_and_two_streams():
+    plan = _toy_plan()
+    fast = bcc.compile(ToySkip(), plan, backend="eager")
+    explicit = bcc.compile(ToySkip(), plan, backend="eager")
+    for steps in (4, 7, 4):
+        with fast.trajectory(steps=steps, streams=2):
+            got = _loop(fast, steps, streams=2)
+        want = []
+        with torch.no_grad():
+            for s in range(steps):
+                t = torch.tensor(999.0 - 100.0 * s)
+                want += [explicit.bcc_call_at(StepRef(step=s, num_steps=steps, stream=k),
+                                              torch.full((2,), float(s + 1)) * (k + 1), t) for k in range(2)]
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    assert fast.bcc_schedule_for(7).meta["plan_resampled_from"] == 4
+    assert fast.bcc_stats()["streams"] == 2 and fast.bcc_stats()["step_counts"] == 2
+
+
+def test_a_plan_without_a_marker_says_how_to_give_the_step_count():
+    fast = bcc.compile(Toy(), _toy_plan(), backend="eager")
+    with pytest.raises(BccError) as e:
+        fast(torch.ones(2), torch.tensor(1.0))
+    assert e.value.code is ErrorCode.STEP_UNTRACKED and "trajectory(steps=" in str(e.value)
+
+
+def test_the_marker_refuses_more_calls_and_in_check_mode_fewer():
+    fast = bcc.compile(Toy(), Schedule.every(2, 3, ["b0", "b1"]), backend="eager")
+    with pytest.raises(BccError) as e, fast.trajectory(steps=2):
+        _loop(fast, 3)
+    assert e.value.code is ErrorCode.STEP_OVERFLOW and "marked as 2 steps" in str(e.value)
+    checked = bcc.compile(Toy(), _toy_plan(), backend="eager", check=True)
+    with pytest.raises(BccError) as e, checked.trajectory(steps=4):
+        _loop(checked, 2)
+    assert e.value.code is ErrorCode.STEP_MISMATCH and "ended after 2 calls" in str(e.value)
+    with checked.trajectory(steps=4):  # an interrupted loop leaves nothing behind
+        assert len(_loop(checked, 4)) == 4
+
+
+def test_a_new_step_count_or_stream_compiles_nothing():
+    counter = CompileCounterWithBackend("inductor")
+    fast = bcc.compile(ToySkip(), _toy_plan(), backend=counter)
+    eager = bcc.compile(ToySkip(), _toy_plan(), backend="eager")
+    for steps, streams in ((4, 1), (6, 1), (3, 2)):
+        for model in (fast, eager):
+            with model.trajectory(steps=steps, streams=streams):
+                got = _loop(model, steps, streams)
+            if model is fast:
+                compiled_out = got
+        for a, b in zip(compiled_out, got):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
+def test_check_mode_is_not_poisoned_by_a_wrong_first_generation():
+    fast = bcc.compile(Toy(), Schedule.every(2, 4, ["b0", "b1"]), backend="eager", check=True)
+    _loop(fast, 2)  # a first generation of 2 steps on a 4-step schedule ...
+    with pytest.raises(BccError) as e:
+        _loop(fast, 4)  # ... is found at the next one's first call, and named
+    assert e.value.code is ErrorCode.STEP_MISMATCH and "went up" in str(e.value) and "fewer steps" in str(e.value)
+    for _ in range(2):
+        _loop(fast, 4)  # correct generations then pass: nothing was learned from the wrong one
+    with pytest.raises(BccError) as e:
+        _loop(fast, 4, start=500.0)  # other timesteps than the last good generation's
+    assert e.value.code is ErrorCode.STEP_MISMATCH and "last complete generation" in str(e.value)
+    _loop(fast, 4)
+    with pytest.raises(BccError) as e:
+        _loop(fast, 5)  # a fifth call continues downwards: more calls than steps
+    assert e.value.code is ErrorCode.STEP_OVERFLOW
+    fast.bcc_reset()  # forgets the last generation: another sampler setting is fine now
+    _loop(fast, 4, start=500.0)
+    fast.bcc_reset()
+    with pytest.raises(BccError) as e:
+        _loop(fast, 4, streams=2)  # two calls per step
+    assert e.value.code is ErrorCode.STEP_MISMATCH and "streams=2" in str(e.value)
+
+
+class _Scaled(torch.nn.Module):
+    """A block whose forward reads a plain Python attribute (like FreeU's b1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0 = Double()
+        self.scale = 2.0
+
+    def forward(self, x, t):
+        return self.b0(x) * self.scale + t
+
+
+def test_python_state_the_capture_froze_is_recaptured_when_it_changes():
+    model = _Scaled()
+    fast = bcc.compile(model, Schedule.all_compute(2, ["b0"]), backend="eager")
+    x, t = torch.ones(2), torch.tensor(0.0)
+    assert fast(x, t).tolist() == [4.0, 4.0]
+    model.scale = 3.0  # mid-trajectory: takes effect at the next trajectory
+    assert fast(x, t).tolist() == [4.0, 4.0]
+    assert fast(x, t).tolist() == [6.0, 6.0] and fast.bcc_stats()["signatures"] == 1
+    model.b0.register_forward_hook(lambda m, a, out: out + 1)  # a hook added after compiling
+    assert fast(x, t).tolist() == [6.0, 6.0]
+    assert fast(x, t).tolist() == [9.0, 9.0]

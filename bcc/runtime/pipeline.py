@@ -128,6 +128,36 @@ def compile_pipeline(pipe: Any, schedule: Any, compile_model: Callable[[Any, Any
     A denoiser already compiled by bcc (a pipeline made with ``from_pipe`` from a
     compiled one) is kept and also serves ``pipe``, provided ``schedule`` is the one it
     follows.
+
+    Example:
+        >>> import torch
+        >>> from diffusers import DDIMScheduler, DiffusionPipeline
+        >>> from bcc import BccConfig, Schedule
+        >>> class Pipe(DiffusionPipeline):
+        ...     def __init__(self, unet, scheduler):
+        ...         super().__init__()
+        ...         self.register_modules(unet=unet, scheduler=scheduler)
+        ...     def __call__(self, steps):
+        ...         self.scheduler.set_timesteps(steps)
+        ...         x = torch.ones(1, 2)
+        ...         for t in self.scheduler.timesteps:
+        ...             x = self.scheduler.step(self.unet(x, t), t, x).prev_sample
+        ...         return x
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.block = torch.nn.Linear(2, 2)
+        ...     def forward(self, x, timestep):
+        ...         return self.block(x)
+        >>> pipe = Pipe(Net(), DDIMScheduler())
+        >>> same = compile_pipeline(pipe, Schedule.every(2, 3, ["block"]),
+        ...                         lambda m, s: BccModule(m, s, BccConfig(backend="eager")))
+        >>> _ = pipe(3); same is pipe, type(pipe.unet).__name__, pipe.unet.bcc_stats()["cache_bytes"]
+        (True, 'BccModule', 8)
+        >>> pipe(4)  # a 3-step Schedule serves 3-step generations only
+        Traceback (most recent call last):
+        ...
+        bcc.errors.BccError: [BCC101] this model follows a fixed 3-step Schedule, but the call belongs to a 4-step generation: ...
     """
     attrs = pipeline_denoisers(pipe)
     if not attrs:
