@@ -421,3 +421,25 @@ def test_a_callback_that_halves_the_batch_mid_generation_is_refused_not_wrong():
     assert e.value.code is ErrorCode.SIGNATURE_CHANGED and "stream 0" in str(e.value)
     with reference_of(fast, "sd") as (ref_pipe, _ref):  # the next generation is intact
         close(P.generate(fast, steps=STEPS), P.generate(ref_pipe, steps=STEPS), exact=True)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "heun"])
+def test_schedulers_with_other_step_counts_and_no_begin_index(scheduler):
+    # PNDM (SD 1.5's): 6 steps are 7 timesteps [830, 664, 664, ...] and it has no set_begin_index;
+    # img2img at strength 0.7 starts at the second 664 (position 2). Heun: 2N - 1 = 11 steps.
+    from diffusers import HeunDiscreteScheduler, PNDMScheduler
+
+    def make():
+        return PNDMScheduler(skip_prk_steps=True) if scheduler == "pndm" else HeunDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+    fast = bcc.compile(P.sd(0, scheduler=make()), plan_for(P.sd(0)), backend="eager")
+    ref_pipe = P.sd(0, scheduler=make())
+    with P.PipelineCachingReference(ref_pipe, rows_of(fast, ref_pipe)) as ref:
+        close(P.generate(fast, steps=STEPS), P.generate(ref_pipe, steps=STEPS), exact=True)
+        close(P.generate(P.sd_img2img(fast), steps=STEPS, strength=0.7),
+              P.generate(P.sd_img2img(ref_pipe), steps=STEPS, strength=0.7), exact=True)
+    total = 7 if scheduler == "pndm" else 2 * STEPS - 1
+    assert {n for _g, _s, n, *_r in ref.trace} == {total} and fast.unet.bcc_stats()["step_counts"] == 1
+    if scheduler == "pndm":
+        assert [s for g, s, *_r in ref.trace if g == 2] == [2, 3, 4, 5, 6]

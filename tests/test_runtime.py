@@ -150,9 +150,9 @@ def test_a_plan_without_a_marker_says_how_to_give_the_step_count():
 
 def test_the_marker_refuses_more_calls_and_in_check_mode_fewer():
     fast = bcc.compile(Toy(), Schedule.every(2, 3, ["b0", "b1"]), backend="eager")
-    with pytest.raises(BccError) as e, fast.trajectory(steps=2):
-        _loop(fast, 3)
-    assert e.value.code is ErrorCode.STEP_OVERFLOW and "marked as 2 steps" in str(e.value)
+    with pytest.raises(BccError) as e, fast.trajectory(steps=3):
+        _loop(fast, 4)
+    assert e.value.code is ErrorCode.STEP_OVERFLOW and "marked as 3 steps" in str(e.value)
     checked = bcc.compile(Toy(), _toy_plan(), backend="eager", check=True)
     with pytest.raises(BccError) as e, checked.trajectory(steps=4):
         _loop(checked, 2)
@@ -185,14 +185,14 @@ def test_check_mode_is_not_poisoned_by_a_wrong_first_generation():
     for _ in range(2):
         _loop(fast, 4)  # correct generations then pass: nothing was learned from the wrong one
     with pytest.raises(BccError) as e:
-        _loop(fast, 4, start=500.0)  # other timesteps than the last good generation's
+        _loop(fast, 4, start=1500.0)  # other timesteps than the last good generation's
     assert e.value.code is ErrorCode.STEP_MISMATCH and "last complete generation" in str(e.value)
     _loop(fast, 4)
     with pytest.raises(BccError) as e:
         _loop(fast, 5)  # a fifth call continues downwards: more calls than steps
     assert e.value.code is ErrorCode.STEP_OVERFLOW
     fast.bcc_reset()  # forgets the last generation: another sampler setting is fine now
-    _loop(fast, 4, start=500.0)
+    _loop(fast, 4, start=1500.0)
     fast.bcc_reset()
     with pytest.raises(BccError) as e:
         _loop(fast, 4, streams=2)  # two calls per step
