@@ -561,3 +561,22 @@ class PipelineCachingReference:
             return pytree.tree_unflatten(leaves, spec)
 
         return wrapped
+
+
+# -- callbacks that end a generation early --------------------------------------------
+def interrupt_at(step):
+    """A ``callback_on_step_end`` that sets ``pipe._interrupt`` at ``step``."""
+    def callback(pipe, i, t, kwargs):
+        if i == step:
+            pipe._interrupt = True
+        return {}
+    return callback
+
+
+def raise_at(step):
+    """A ``callback_on_step_end`` that raises at ``step``."""
+    def callback(pipe, i, t, kwargs):
+        if i == step:
+            raise RuntimeError("callback failed")
+        return {}
+    return callback

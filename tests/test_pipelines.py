@@ -72,22 +72,6 @@ def close(got, want, exact):
         assert rel <= 1e-5, rel
 
 
-def interrupt_at(step):
-    def callback(pipe, i, t, kwargs):
-        if i == step:
-            pipe._interrupt = True
-        return {}
-    return callback
-
-
-def raise_at(step):
-    def callback(pipe, i, t, kwargs):
-        if i == step:
-            raise RuntimeError("callback failed")
-        return {}
-    return callback
-
-
 def then_fresh(fast, name, plan, **kwargs):
     """The next generation equals the same generation on a freshly compiled pipeline."""
     fresh = compiled(name, plan, **kwargs)
@@ -138,8 +122,8 @@ def test_img2img_from_pipe_shares_the_compiled_denoiser(base, order):
 def test_interrupt_at_step_2_then_a_full_generation(name):
     fast = compiled(name)
     with reference_of(fast, name) as (ref_pipe, ref):
-        close(P.generate(fast, steps=STEPS, callback_on_step_end=interrupt_at(2)),
-              P.generate(ref_pipe, steps=STEPS, callback_on_step_end=interrupt_at(2)), exact=True)
+        close(P.generate(fast, steps=STEPS, callback_on_step_end=P.interrupt_at(2)),
+              P.generate(ref_pipe, steps=STEPS, callback_on_step_end=P.interrupt_at(2)), exact=True)
         for steps in (STEPS, 7):
             close(P.generate(fast, steps=steps), P.generate(ref_pipe, steps=steps), exact=True)
     assert [s for g, s, *_r in ref.trace if g == 1] == [0, 1, 2]
@@ -152,7 +136,7 @@ def test_exception_in_callback_on_step_end_then_a_full_generation(name):
     with reference_of(fast, name) as (ref_pipe, _ref):
         for pipe in (fast, ref_pipe):
             with pytest.raises(RuntimeError, match="callback failed"):
-                P.generate(pipe, steps=STEPS, callback_on_step_end=raise_at(2))
+                P.generate(pipe, steps=STEPS, callback_on_step_end=P.raise_at(2))
         close(P.generate(fast, steps=STEPS), P.generate(ref_pipe, steps=STEPS), exact=True)
     then_fresh(fast, name, getattr(fast, P.denoiser_attrs(fast)[0]).bcc_plan)
 
@@ -340,12 +324,12 @@ def test_a_denoiser_driven_by_a_scheduler_bcc_did_not_wrap_is_refused():
     with pytest.raises(BccError) as e:
         P.generate(other, steps=STEPS)  # no generation of the wrapped scheduler
     assert e.value.code is ErrorCode.STEP_UNTRACKED and "bcc.compile(other_pipe" in str(e.value)
-    P.generate(fast, steps=STEPS, callback_on_step_end=interrupt_at(1))
+    P.generate(fast, steps=STEPS, callback_on_step_end=P.interrupt_at(1))
     with pytest.raises(BccError) as e:
         P.generate(other, steps=STEPS)  # the interrupted generation ended (maybe_free_model_hooks)
     assert e.value.code is ErrorCode.STEP_UNTRACKED
     with pytest.raises(RuntimeError, match="callback failed"):
-        P.generate(fast, steps=STEPS, callback_on_step_end=raise_at(1))  # no end signal after an exception ...
+        P.generate(fast, steps=STEPS, callback_on_step_end=P.raise_at(1))  # no end signal after an exception ...
     with pytest.raises(BccError) as e:
         P.generate(other, steps=STEPS)  # ... but its timestep is a view of another scheduler's timesteps
     assert e.value.code is ErrorCode.STEP_UNTRACKED and "view of another tensor" in str(e.value)

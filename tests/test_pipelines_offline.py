@@ -59,22 +59,6 @@ def reference_run(pipe, schedule=None, **kw):
     return out, ref
 
 
-def interrupt_at(step):
-    def callback(pipe, i, t, kwargs):
-        if i == step:
-            pipe._interrupt = True
-        return {}
-    return callback
-
-
-def raise_at(step):
-    def callback(pipe, i, t, kwargs):
-        if i == step:
-            raise RuntimeError("callback failed")
-        return {}
-    return callback
-
-
 # -- the builders -------------------------------------------------------------------------
 @ALL
 def test_builder_is_deterministic_and_generates(name):
@@ -128,7 +112,7 @@ def test_interrupt_at_step_2_then_a_full_generation(name):
     pipe = P.BUILDERS[name](0)
     full = P.generate(pipe, steps=STEPS)
     with denoiser_calls(pipe) as calls:
-        P.generate(pipe, steps=STEPS, callback_on_step_end=interrupt_at(2))
+        P.generate(pipe, steps=STEPS, callback_on_step_end=P.interrupt_at(2))
     assert len(calls) == 3 and pipe.interrupt
     assert torch.equal(P.generate(pipe, steps=STEPS), full)  # __call__ resets _interrupt
 
@@ -138,17 +122,17 @@ def test_exception_in_callback_leaves_the_next_generation_intact(name):
     pipe = P.BUILDERS[name](0)
     full = P.generate(pipe, steps=STEPS)
     with pytest.raises(RuntimeError, match="callback failed"):
-        P.generate(pipe, steps=STEPS, callback_on_step_end=raise_at(2))
+        P.generate(pipe, steps=STEPS, callback_on_step_end=P.raise_at(2))
     assert torch.equal(P.generate(pipe, steps=STEPS), full)
 
 
 def test_pixart_has_only_the_legacy_callback():
     pipe = built("pixart_sigma")
     with denoiser_calls(pipe) as calls:  # swallowed by **kwargs: no interrupt, no error
-        P.generate(pipe, steps=STEPS, callback_on_step_end=interrupt_at(2))
+        P.generate(pipe, steps=STEPS, callback_on_step_end=P.interrupt_at(2))
     assert len(calls) == STEPS and not hasattr(pipe, "_interrupt")
     with pytest.raises(RuntimeError, match="callback failed"):
-        P.generate(pipe, steps=STEPS, callback=lambda i, t, latents: raise_at(2)(pipe, i, t, {}))
+        P.generate(pipe, steps=STEPS, callback=lambda i, t, latents: P.raise_at(2)(pipe, i, t, {}))
 
 
 def test_flux_true_cfg_calls_the_transformer_twice_per_step():
@@ -284,11 +268,11 @@ def test_reference_interrupt_and_exception_start_fresh_generations():
     schedule = P.every(3, len(P.default_blocks(pipe)))
     with P.PipelineCachingReference(pipe, schedule) as ref:
         want = P.generate(pipe, steps=STEPS)
-        P.generate(pipe, steps=STEPS, callback_on_step_end=interrupt_at(2))
+        P.generate(pipe, steps=STEPS, callback_on_step_end=P.interrupt_at(2))
         assert [s for g, s, *_r in ref.trace if g == 2] == [0, 1, 2]
         assert torch.equal(P.generate(pipe, steps=STEPS), want)
         with pytest.raises(RuntimeError):
-            P.generate(pipe, steps=STEPS, callback_on_step_end=raise_at(4))
+            P.generate(pipe, steps=STEPS, callback_on_step_end=P.raise_at(4))
         assert torch.equal(P.generate(pipe, steps=STEPS), want)
         assert ref.generation == 5
     assert not torch.equal(P.generate(pipe, steps=STEPS), want)  # the schedule really reuses

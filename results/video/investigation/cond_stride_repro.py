@@ -7,11 +7,12 @@ plain:   inductor compiles the branch for the operand's traced (contiguous) stri
 patch:   Conditional.create requires the operands' exact traced strides (the fix in fixes.py).
 opaque:  the operand passes through an op inductor cannot re-layout (fixes.py fixed_layout op).
 """
+import os
 import sys
 
 import torch
 
-sys.path.insert(0, "/tmp/video")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 class M(torch.nn.Module):

@@ -8,7 +8,8 @@ token refiner, Lumina2's context_refiner) see only timestep / text / masks.
 
 python discovery.py [names...]   (FIXES=... applies fixes first, e.g. hidream_dense_moe)
 """
-import sys; sys.path.insert(0, "/tmp/video")
+import os
+import sys; sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch, torch.fx as fx
 import bcc, models, fixes
 from bcc.analyze import blocks as B

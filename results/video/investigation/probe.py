@@ -6,13 +6,14 @@ each with an all-True and a random schedule, compared against bcc's HookReferenc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
 
 import torch
 
-sys.path.insert(0, "/tmp/video")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bcc  # noqa: E402
 from bcc.runtime.reference import HookReference  # noqa: E402
 
