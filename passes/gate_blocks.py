@@ -78,9 +78,21 @@ def _contiguous(g: fx.Graph, node: fx.Node, like: fx.Node | None = None) -> fx.N
     tensors with a size-1 dim are cloned to the canonical layout instead.
     """
     val = _val(like if like is not None else node)
-    if isinstance(val, torch.Tensor) and any(int(d) == 1 for d in val.shape):
+    if isinstance(val, torch.Tensor) and any(isinstance(d, int) and d == 1 for d in val.shape):
         return g.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
     return g.call_function(aten.contiguous.default, (node,))
+
+
+def _storage(t) -> int | None:
+    try:
+        return t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _aliases(val, inputs: list) -> bool:
+    key = _storage(val)
+    return key is not None and any(_storage(v) == key for v in inputs)
 
 
 class _Holder(torch.nn.Module):
@@ -111,8 +123,13 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
     new: list[fx.Node] = []
     if recompute:
         res = g.call_module("block", tuple(xs))
+        inputs = [_val(n) for n in sub.graph.nodes if n.op == "placeholder"]
         for j, base in enumerate(bases):
-            out = _contiguous(g, g.call_function(operator.getitem, (res, j)), like=sub_outs[j])
+            got = g.call_function(operator.getitem, (res, j))
+            # A block may return (a view of) one of its inputs; contiguous() of that is the
+            # operand itself, which a branch may not return.
+            out = (g.call_function(aten.clone.default, (got,), {"memory_format": torch.contiguous_format})
+                   if _aliases(_val(sub_outs[j]), inputs) else _contiguous(g, got, like=sub_outs[j]))
             outs.append(out)
             new.append(g.call_function(aten.sub.Tensor, (out, xs[base])) if base is not None
                        else g.call_function(aten.clone.default, (out,)))

@@ -1,6 +1,7 @@
 """Outline each annotated block into a submodule ``bcc_block_<i>``."""
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
@@ -10,6 +11,54 @@ from bcc.errors import BccInternalError
 from bcc.passes.annotate_blocks import BLOCKS, META
 
 PREFIX = "bcc_block_"
+
+
+def _same_tensor(node: fx.Node, src: fx.Node) -> bool:
+    """``node`` returned ``src`` itself (``x.float()`` of fp32, ``contiguous()`` of a contiguous
+    tensor, ``alias``): a non-mutating op whose value shares storage, shape, strides, offset
+    and dtype with its input."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.target._schema.is_mutable:
+        return False
+    v, s = node.meta.get("val"), src.meta.get("val")
+    if not (isinstance(v, torch.Tensor) and isinstance(s, torch.Tensor)):
+        return False
+    try:
+        same = v.untyped_storage()._cdata == s.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (e.g. sparse)
+        return False
+    return (same and v.shape == s.shape and v.stride() == s.stride()
+            and v.storage_offset() == s.storage_offset() and v.dtype == s.dtype)
+
+
+def reroute_pass_throughs(gm: fx.GraphModule) -> int:
+    """Point readers outside a block at the block input a node of the block merely passes through.
+
+    torch.export records a no-op ``temb.float()`` as a node whose value *is* ``temb``, and
+    rebinds the tensor to that node, so every later reader (another block too) reads it
+    from inside the block. Outlined, it would become a block output that is the block's
+    own input: the recompute branch would return an operand (inductor refuses an alias),
+    and with whole-output caching a reused block would hand a stale conditioning tensor
+    to the next block. Readers get the identical tensor, so nothing else changes.
+    Returns how many nodes were rerouted.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        block = node.meta.get(META)
+        if block is None:
+            continue
+        src = node
+        while (src.args and isinstance(src.args[0], fx.Node) and src.meta.get(META) == block
+               and _same_tensor(src, src.args[0])):
+            src = src.args[0]
+        if src is node or src.meta.get(META) == block:
+            continue
+        outside = [u for u in node.users if u.meta.get(META) != block]
+        for user in outside:
+            user.replace_input_with(node, src)
+        count += bool(outside)
+    return count
 
 
 class OutlineBlocksPass(PassBase):
@@ -40,6 +89,7 @@ class OutlineBlocksPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         names = gm.meta[BLOCKS]
+        reroute_pass_throughs(gm)
         partitions: list[dict] = [dict() for _ in names]
         index = {n: i for i, n in enumerate(names)}
         for node in gm.graph.nodes:

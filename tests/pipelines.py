@@ -329,6 +329,43 @@ def every(n: int, num_blocks: int) -> Callable[[int, int], list[bool]]:
     return lambda step, num_steps: [step % n == 0] * num_blocks
 
 
+def stream_inputs(forward, args, kwargs) -> list[torch.Tensor]:
+    """A block call's stream inputs: `hidden_states` (else its first positional tensor), then
+    `encoder_hidden_states` when passed."""
+    bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+    x = bound.get("hidden_states")
+    if not isinstance(x, torch.Tensor):
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    streams = [x] if isinstance(x, torch.Tensor) else []
+    ctx = bound.get("encoder_hidden_states")
+    if isinstance(ctx, torch.Tensor):
+        streams.append(ctx)
+    return streams
+
+def residual_bases(leaves, streams) -> list[int | None]:
+    """For each output leaf, the stream input it is a residual of (same shape and dtype), or None."""
+    tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+    def fits(v, s):
+        return s.shape == v.shape and s.dtype == v.dtype
+
+    if len(tensors) == 1:  # one output: the residual of the main stream, if shaped like it
+        v = leaves[tensors[0]]
+        return [0 if i == tensors[0] and streams and fits(v, streams[0]) else None for i in range(len(leaves))]
+    bases: list[int | None] = [None] * len(leaves)
+    used: set[int] = set()
+    for i in tensors:
+        match = [k for k, s in enumerate(streams) if fits(leaves[i], s)]
+        if len(match) > 1:
+            raise ValueError("ambiguous residual pairing: two stream inputs share an output's shape")
+        if match:
+            if match[0] in used:
+                raise ValueError("two outputs pair with the same stream input")
+            used.add(match[0])
+            bases[i] = match[0]
+    return bases
+
+
 class PipelineCachingReference:
     """Apply block caching to `pipe` in place (eager Python; no bcc code); `remove()` undoes it.
 
@@ -493,48 +530,13 @@ class PipelineCachingReference:
         return int(hits[0, 0])
 
     # caching ----------------------------------------------------------------------------
-    @staticmethod
-    def _streams(forward, args, kwargs) -> list[torch.Tensor]:
-        bound = inspect.signature(forward).bind(*args, **kwargs).arguments
-        x = bound.get("hidden_states")
-        if not isinstance(x, torch.Tensor):
-            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        streams = [x] if isinstance(x, torch.Tensor) else []
-        ctx = bound.get("encoder_hidden_states")
-        if isinstance(ctx, torch.Tensor):
-            streams.append(ctx)
-        return streams
-
-    @staticmethod
-    def _bases(leaves, streams) -> list[int | None]:
-        tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-
-        def fits(v, s):
-            return s.shape == v.shape and s.dtype == v.dtype
-
-        if len(tensors) == 1:  # one output: the residual of the main stream, if shaped like it
-            v = leaves[tensors[0]]
-            return [0 if i == tensors[0] and streams and fits(v, streams[0]) else None for i in range(len(leaves))]
-        bases: list[int | None] = [None] * len(leaves)
-        used: set[int] = set()
-        for i in tensors:
-            match = [k for k, s in enumerate(streams) if fits(leaves[i], s)]
-            if len(match) > 1:
-                raise ValueError("ambiguous residual pairing: two stream inputs share an output's shape")
-            if match:
-                if match[0] in used:
-                    raise ValueError("two outputs pair with the same stream input")
-                used.add(match[0])
-                bases[i] = match[0]
-        return bases
-
     def _block(self, index: int, forward):
         def wrapped(*args, **kwargs):
             cur = self.current
             if cur is None:  # called outside a denoiser call: plain
                 return forward(*args, **kwargs)
             key = (cur["stream"], index)
-            streams = self._streams(forward, args, kwargs)
+            streams = stream_inputs(forward, args, kwargs)
             shapes = [tuple(x.shape) for x in streams]
             entry = self.caches.get(key)
             if not cur["row"][index] and entry is not None and entry[0] != shapes:  # would reuse a misfit
@@ -545,7 +547,7 @@ class PipelineCachingReference:
             if cur["row"][index] or entry is None:
                 out = forward(*args, **kwargs)
                 leaves, spec = pytree.tree_flatten(out)
-                bases = self._bases(leaves, streams)
+                bases = residual_bases(leaves, streams)
                 cached = [None if not isinstance(v, torch.Tensor)
                           else (v - streams[b] if b is not None else v.clone()).detach()
                           for v, b in zip(leaves, bases)]

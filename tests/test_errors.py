@@ -120,7 +120,29 @@ def test_capture_failure_is_explained():
     with pytest.raises(BccError) as e:
         fast(torch.ones(2), torch.tensor(1.0))
     assert _code(e) is ErrorCode.CAPTURE_FAILED
-    assert "torch.export.export" in str(e.value)
+    # A value-dependent branch: the message names the model's own line and why no capture helps.
+    assert "tensor *values*" in str(e.value) and "x.sum().item() > 0" in str(e.value)
+    assert "test_errors.py" in str(e.value) and "DataDependent ('<root>')" in str(e.value)
+
+
+def test_other_capture_failures_name_the_line_and_the_export_call():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def forward(self, x, t):
+            return self.inner(x) + self.helper(x)
+
+        def helper(self, x):
+            raise ValueError("unsupported thing")
+
+    with pytest.raises(BccError) as e:
+        bcc.find_blocks(Broken(), ((torch.ones(2), torch.tensor(1.0)), {}))
+    assert _code(e) is ErrorCode.CAPTURE_FAILED
+    text = str(e.value)
+    assert "torch.export.export" in text and "unsupported thing" in text
+    assert "in helper" in text and 'raise ValueError("unsupported thing")' in text
 
 
 @pytest.mark.parametrize("options", [{"mode": "bogus"}, {"nonsense": 1}, {"check": "yes"}, {"inductor_options": 3}])

@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from bcc.capture.graph import LATENT
 from bcc.errors import BccError, ErrorCode
 
 __all__ = ["Block", "BlockSelector", "find_block_regions", "module_calls", "ATTENTION"]
@@ -59,6 +60,7 @@ class _ModuleCall:
     nodes: list
     has_attention: bool = False
     has_spatial_conv: bool = False
+    reads_latent: bool = True
 
 
 def _op_name(node: fx.Node) -> str:
@@ -92,6 +94,7 @@ def _clean_path(path: str) -> str:
 def module_calls(gm: fx.GraphModule) -> dict[str, _ModuleCall]:
     """Every module path seen on the graph's nodes, with its nodes and traits."""
     calls: dict[str, _ModuleCall] = {}
+    latent = _latent_dependent(gm)
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
@@ -104,12 +107,29 @@ def module_calls(gm: fx.GraphModule) -> dict[str, _ModuleCall]:
         for key, path, cls in _stack(node):
             call = calls.get(path)
             if call is None:
-                call = calls[path] = _ModuleCall(path, cls, set(), [])
+                call = calls[path] = _ModuleCall(path, cls, set(), [], reads_latent=latent is None)
+            call.reads_latent |= latent is not None and node in latent
             call.keys.add(key)
             call.nodes.append(node)
             call.has_attention |= is_attn
             call.has_spatial_conv |= is_spatial_conv
     return calls
+
+
+def _latent_dependent(gm: fx.GraphModule) -> set[fx.Node] | None:
+    """Nodes computed from the latent input (capture names it in ``gm.meta``), or None if unknown."""
+    name = gm.meta.get(LATENT)
+    start = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name), None)
+    if start is None:
+        return None
+    seen: set[fx.Node] = set()
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(node.users)
+    return seen
 
 
 def _matcher(selector: BlockSelector, calls: dict[str, _ModuleCall]) -> Callable[[str, str], bool]:
@@ -119,8 +139,11 @@ def _matcher(selector: BlockSelector, calls: dict[str, _ModuleCall]) -> Callable
         # The paper caches the spatial transformers: modules that mix tokens by
         # attention and hold no spatial convolution (a ResNet's 3x3 convs). The
         # outermost such module is the block: Transformer2DModel in a UNet, the
-        # per-layer transformer block in a DiT.
-        return lambda path, cls: calls[path].has_attention and not calls[path].has_spatial_conv
+        # per-layer transformer block in a DiT. It must read the latent: conditioning
+        # modules that attend (a caption pooler, a prompt's token refiner) see only
+        # the timestep and the text.
+        return lambda path, cls: (calls[path].has_attention and not calls[path].has_spatial_conv
+                                  and calls[path].reads_latent)
     items = [selector] if isinstance(selector, (str, type)) else list(selector)
     globs = [s for s in items if isinstance(s, str)]
     classes = [s for s in items if isinstance(s, type)]

@@ -61,7 +61,9 @@ class Value:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    shape: tuple[int, ...]
+    # A data-dependent size (a block that selects tokens by a mask) is kept as its symbol's
+    # name: it equals only itself.
+    shape: tuple[int | str, ...]
     dtype: torch.dtype
 
 
@@ -412,6 +414,12 @@ def decide_residuals(flow: Dataflow, *, block: str = "block", mode: str = "resid
 
 
 # -- adapters ----------------------------------------------------------------------------
+def _size(d: Any) -> int | str:
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(d) if is_concrete_int(d) else str(d)
+
+
 def fx_dataflow(sub: fx.GraphModule, constants: Collection[int] = ()) -> Dataflow:
     """The :class:`Dataflow` of an outlined block subgraph: placeholders are the inputs
     (in call order), the output tuple the outputs; ``get_attr`` values are constants, and
@@ -429,7 +437,7 @@ def fx_dataflow(sub: fx.GraphModule, constants: Collection[int] = ()) -> Dataflo
 
     def meta(key: Hashable, val: Any) -> None:
         if isinstance(val, torch.Tensor):
-            metas[key] = TensorMeta(tuple(int(d) for d in val.shape), val.dtype)
+            metas[key] = TensorMeta(tuple(_size(d) for d in val.shape), val.dtype)
 
     for node in sub.graph.nodes:
         val = node.meta.get("val")

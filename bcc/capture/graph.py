@@ -8,6 +8,7 @@ rebuild the caller's structure around it.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +16,16 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from bcc.capture.explain import capture_site, is_value_dependent
+from bcc.capture.normalize import normalize
 from bcc.capture.signature import Signature, signature_of
 from bcc.errors import BccError, BccInternalError, ErrorCode
 
-__all__ = ["Captured", "capture", "flatten_call"]
+__all__ = ["Captured", "LATENT", "capture", "flatten_call"]
+
+#: ``gm.meta`` key: the name of the placeholder of the denoiser's latent input (its first
+#: parameter: ``sample`` / ``hidden_states`` in every diffusers denoiser), or absent.
+LATENT = "bcc_latent_input"
 
 
 @dataclass(frozen=True)
@@ -69,13 +76,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         with torch.no_grad():
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as e:  # export raises many types; all mean "could not capture"
-        raise BccError(
-            ErrorCode.CAPTURE_FAILED,
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}. bcc needs a model torch.export can trace "
-            "(non-strict); run torch.export.export(model, args, kwargs, strict=False) to see the "
-            "full error, or cache a submodule that exports.",
-        ) from e
+        raise _capture_error(model, e) from e
     unlifted = ep.module()
     # ep.module() builds a fresh module on every call, so its graph is ours to edit.
     graph = unlifted.graph
@@ -101,8 +102,57 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     out_node = graph.output_node()
     outs = out_node.args[0]
     out_node.args = (tuple(outs) if isinstance(outs, (list, tuple)) else (outs,),)
+    latent = _latent_leaf(model, args, kwargs, leaves)
+    latent_name = placeholders[latent].name if latent is not None else None
     gm = fx.GraphModule(unlifted, graph, class_name=f"Captured{type(model).__name__}")
+    if latent_name is not None and any(n.name == latent_name for n in gm.graph.nodes if n.op == "placeholder"):
+        gm.meta[LATENT] = latent_name
     gm.graph.eliminate_dead_code()
+    normalize(gm)
     gm.recompile()
     out_spec = unlifted._out_spec
     return Captured(gm, in_spec, out_spec, tuple(tensor_positions), signature_of(args, kwargs))
+
+
+def _capture_error(model: torch.nn.Module, e: BaseException) -> BccError:
+    first = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+    site = capture_site(model, e)
+    at = f" in {site.describe()}" if site is not None else ""
+    if is_value_dependent(e):
+        return BccError(
+            ErrorCode.CAPTURE_FAILED,
+            f"torch.export could not capture {type(model).__name__}: its forward depends on tensor "
+            f"*values*{at} ({type(e).__name__}: {first}). bcc needs one static graph per input "
+            "shape, and no capture torch has (torch.export strict or not, Dynamo with "
+            "fullgraph=True) traces shapes or control flow decided by tensor values. Make that "
+            "code shape-static (e.g. a dense form of a routing, or lengths fixed by the input "
+            "shapes), or select blocks inside it and cache those.",
+        )
+    return BccError(
+        ErrorCode.CAPTURE_FAILED,
+        f"torch.export could not capture {type(model).__name__}{at}: {type(e).__name__}: {first}. "
+        "bcc needs a model torch.export can trace (non-strict); run "
+        "torch.export.export(model, args, kwargs, strict=False) to see the full error, or cache a "
+        "submodule that exports.",
+    )
+
+
+def _latent_leaf(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list) -> int | None:
+    """Index among ``leaves`` of the forward's first parameter, when it is a tensor.
+
+    Dynamo's graphs (the backend path) take lifted parameters first, named ``L_self_...``;
+    those are skipped.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return None
+    for p in params:
+        if p.name.lower().startswith("l_self_") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = bound.get(p.name)
+        if not isinstance(value, torch.Tensor):
+            return None
+        return next((k for k, leaf in enumerate(leaves) if leaf is value), None)
+    return None

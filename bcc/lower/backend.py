@@ -32,6 +32,7 @@ from bcc.capture.graph import capture
 from bcc.capture.signature import Signature
 from bcc.config import BccConfig
 from bcc.errors import BccError, ErrorCode
+from bcc.lower.inductor_fixes import cond_operand_strides
 from bcc.passes import PassConfig, run_passes
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
@@ -107,7 +108,16 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
     if isinstance(schedule_src, Schedule):
         schedule = schedule_src
     else:
-        names = [b.name for b in find_block_regions(captured.gm, blocks or ATTENTION)]
+        try:
+            names = [b.name for b in find_block_regions(captured.gm, blocks or ATTENTION)]
+        except BccError as e:
+            if e.code != ErrorCode.NO_BLOCKS:
+                raise
+            # Dynamo hands a backend one graph per fragment: a fragment without blocks is
+            # almost always a graph break, which the bare "no module matches" hides.
+            raise BccError(ErrorCode.NO_BLOCKS, f"{str(e).split('] ', 1)[-1]} If the model has such blocks, "
+                           "Dynamo split it (a graph break) and handed backend 'bcc' a piece without them; "
+                           "compile with fullgraph=True to see where it breaks.") from e
         schedule = schedule_src(tuple(names))
         if not isinstance(schedule, Schedule):
             raise BccError(ErrorCode.BACKEND_OPTIONS,
@@ -126,7 +136,8 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
         caches = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in specs]
         example = [mask, torch.zeros((), dtype=torch.int64), *caches,
                    *(example_inputs[i] for i in captured.tensor_positions)]
-        fn = compile_fx(rewritten, example, config_patches=patches)
+        with cond_operand_strides():
+            fn = compile_fx(rewritten, example, config_patches=patches)
     stepper = Stepper(Program(fn, mask, specs))
     return BackendGraph(stepper, rewritten, captured.tensor_positions, captured.signature)
 

@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from bcc.capture.graph import Captured
 from bcc.config import BccConfig
+from bcc.lower.inductor_fixes import cond_operand_strides
 from bcc.passes import CacheSlot, PassConfig, run_passes, specialize
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
@@ -36,16 +37,30 @@ def compile_graph(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
         return gm
     options = dict(config.inductor_options)
     if config.backend == "inductor":
-        return torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False, options=options)
+        return torch.compile(gm, backend=_InductorWithCondStrides(options), fullgraph=True, dynamic=False)
     # A custom backend (e.g. a test's compile counter wrapping inductor) gets no
     # options from torch.compile, so the inductor settings are patched around
     # each call, which is when compilation happens.
     compiled = torch.compile(gm, backend=config.backend, fullgraph=True, dynamic=False)
 
     def fn(*args: Any) -> Any:
-        with torch._inductor.config.patch(options):
+        with torch._inductor.config.patch(options), cond_operand_strides():
             return compiled(*args)
     return fn
+
+
+class _InductorWithCondStrides:
+    """Inductor with ``options``, compiling under :func:`cond_operand_strides` (compile
+    time only: the compiled code runs without it)."""
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        with cond_operand_strides():
+            return compile_fx(gm, example_inputs, config_patches=self.options)
 
 
 class RowDispatch:

@@ -26,7 +26,7 @@ def _names(blocks: Iterable[str] | int) -> tuple[str, ...]:
     return tuple(getattr(blocks, "names", blocks))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """A recompute mask over steps × blocks.
 
@@ -56,6 +56,18 @@ class Schedule:
     block_costs: tuple[float, ...] | None = field(default=None)
     rest_cost: float = 0.0
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    # The generated __eq__ would compare masks with ``==`` (a tensor, whose truth value is
+    # ambiguous); Dynamo compares backend options when it recompiles, so equality must work.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return (self.block_names == other.block_names and self.timesteps == other.timesteps
+                and self.block_costs == other.block_costs and self.rest_cost == other.rest_cost
+                and self.mask.shape == other.mask.shape and torch.equal(self.mask, other.mask))
+
+    def __hash__(self) -> int:
+        return hash((self.block_names, tuple(self.mask.shape), self.timesteps))
 
     def __post_init__(self) -> None:
         mask = self.mask

@@ -18,7 +18,7 @@ import torch
 
 from bcc.errors import BccError, ErrorCode
 
-__all__ = ["MODELS", "ZooSpec", "build", "spec_of", "step_inputs"]
+__all__ = ["FRAMES", "MODELS", "ZooSpec", "build", "call_inputs", "conditions", "spec_of", "step_inputs"]
 
 
 def _unet(**config):
@@ -124,6 +124,75 @@ def _dit(latent: int):
     return model, {}
 
 
+def _wan(latent: int, *, width: int = 16, heads: int = 2, layers: int = 2, text: int = 16):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=width // heads, in_channels=4,
+        out_channels=4, text_dim=text, freq_dim=16, ffn_dim=2 * width, num_layers=layers, rope_max_seq_len=32,
+    )
+    return model, {"encoder_hidden_states": (5, text)}
+
+
+def _hunyuan_video(latent: int, *, width: int = 16, heads: int = 2, layers: int = 1, text: int = 16):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=width // heads,
+        num_layers=layers, num_single_layers=layers, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+        text_embed_dim=text, pooled_projection_dim=8, rope_axes_dim=(2, 2, width // heads - 4), guidance_embeds=True,
+    )
+    return model, {"encoder_hidden_states": (5, text), "pooled_projections": (8,)}
+
+
+def _svd(latent: int):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    model = UNetSpatioTemporalConditionModel(
+        sample_size=latent, in_channels=8, out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        block_out_channels=(32, 64), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+        layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4), num_frames=2,
+    )
+    return model, {"encoder_hidden_states": (1, 32)}
+
+
+def _mochi(latent: int):
+    from diffusers import MochiTransformer3DModel
+
+    # The caption pooler has 8 heads: text_embed_dim must divide by 8.
+    model = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=16, max_sequence_length=8,
+    )
+    return model, {"encoder_hidden_states": (5, 16)}
+
+
+def _hidream(latent: int, experts: int = 0):
+    from diffusers import HiDreamImageTransformer2DModel
+
+    # experts=0: the dense feed-forward; routed experts choose tokens by value (not capturable).
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[16, 12], text_emb_dim=12, num_routed_experts=experts,
+        num_activated_experts=min(2, experts), axes_dims_rope=(4, 2, 2), max_resolution=(latent, latent),
+        llama_layers=[0, 1],
+    )
+    return model, {"encoder_hidden_states_t5": (5, 16), "pooled_embeds": (12,)}
+
+
+def _lumina2(latent: int):
+    from diffusers import Lumina2Transformer2DModel
+
+    model = Lumina2Transformer2DModel(
+        sample_size=latent, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(2, 2, 4), axes_lens=(32, 32, 32),
+        cap_feat_dim=16,
+    )
+    return model, {"encoder_hidden_states": (5, 16)}
+
+
 MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "unet-tiny": _unet_tiny,
     "sd15": _sd15,
@@ -134,7 +203,21 @@ MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "sd3": _sd3,
     "flux": _flux,
     "dit": _dit,
+    # Video and the newest DiTs (tiny: tests; "-bench": the speed benchmark's
+    # attention-dominated sizes, 5 latent frames).
+    "wan": _wan,
+    "wan-bench": lambda latent: _wan(latent, width=256, heads=4, layers=6, text=64),
+    "hunyuan-video": _hunyuan_video,
+    "hunyuan-video-bench": lambda latent: _hunyuan_video(latent, width=256, heads=4, layers=3, text=64),
+    "svd": _svd,
+    "mochi": _mochi,
+    "hidream": _hidream,
+    "hidream-moe": lambda latent: _hidream(latent, experts=2),
+    "lumina2": _lumina2,
 }
+
+#: Latent frames of the video models (their latent is ``[B, C, F, H, W]``; SVD's ``[B, F, C, H, W]``).
+FRAMES = {"wan": 2, "hunyuan-video": 2, "svd": 2, "mochi": 2, "wan-bench": 5, "hunyuan-video-bench": 5}
 
 
 def _read_only(value: Any) -> Any:
@@ -229,34 +312,97 @@ def step_inputs(name: str, model: torch.nn.Module, extra: Mapping[str, Any], *, 
                 num_steps: int = 20) -> tuple[tuple, dict]:
     """Inputs for sampling step ``step``: fresh latents, a decreasing timestep, fixed conditions."""
     g = torch.Generator().manual_seed(seed * 1000 + step)
-    cond_g = torch.Generator().manual_seed(seed)  # conditions stay fixed over a trajectory
     t = torch.tensor(int(999 - step * (1000 // max(num_steps, 1))) % 1000)
+    kwargs = _conditions(name, extra, batch, seed)
+    x = torch.randn(_latent_shape(name, model, batch, latent), generator=g)
+    return _call_inputs(name, x, t, kwargs, latent)
 
-    def rand(shape, gen=cond_g):
-        return torch.randn((batch, *shape), generator=gen)
+
+def conditions(model: torch.nn.Module, *, seed: int = 0) -> dict[str, Any]:
+    """The fixed conditioning of zoo ``model`` (text states, pooled embeddings...), for :func:`call_inputs`.
+
+    Example:
+        >>> model, _, _ = build("unet-tiny")
+        >>> tuple(conditions(model)["encoder_hidden_states"].shape)
+        (2, 3, 32)
+    """
+    spec = spec_of(model)
+    return _conditions(spec.name, spec.extra, spec.batch, seed)
+
+
+def _conditions(name: str, extra: Mapping[str, Any], batch: int, seed: int) -> dict[str, Any]:
+    cond_g = torch.Generator().manual_seed(seed)  # conditions stay fixed over a trajectory
 
     def build_extra(spec: Any) -> Any:
         if isinstance(spec, Mapping):
             return {k: build_extra(v) for k, v in spec.items()}
-        if spec is None:
-            return None
-        return rand(spec)
+        return None if spec is None else torch.randn((batch, *spec), generator=cond_g)
 
     kwargs = {k: build_extra(v) for k, v in extra.items()}
+    if name in ("hidream", "hidream-moe"):
+        # The Llama-3 states come layer-first: [layers, B, S, D].
+        kwargs["encoder_hidden_states_llama3"] = torch.randn((2, batch, 3, 12), generator=cond_g)
+    return kwargs
+
+
+def _latent_shape(name: str, model: torch.nn.Module, batch: int, latent: int) -> tuple[int, ...]:
     if name == "flux":
-        tokens = latent * latent
-        x = torch.randn(batch, tokens, model.config.in_channels, generator=g)
+        return (batch, latent * latent, model.config.in_channels)
+    if name == "svd":
+        return (batch, FRAMES[name], model.config.in_channels, latent, latent)
+    if name in FRAMES:
+        return (batch, model.config.in_channels, FRAMES[name], latent, latent)
+    return (batch, model.config.in_channels, latent, latent)
+
+
+def call_inputs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conditions: Mapping[str, Any]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` calling zoo ``model`` on latent ``x`` at timestep ``t`` (0-d) with
+    :func:`conditions` (as a sampling loop calls it).
+
+    Example:
+        >>> model, args, _ = build("dit")
+        >>> a, k = call_inputs(model, args[0], torch.tensor(500), conditions(model))
+        >>> k["timestep"].tolist()
+        [500, 500]
+    """
+    spec = spec_of(model)
+    return _call_inputs(spec.name, x, t, dict(conditions), spec.latent)
+
+
+def _call_inputs(name: str, x: torch.Tensor, t: torch.Tensor, kwargs: dict, latent: int) -> tuple[tuple, dict]:
+    batch = x.shape[0]
+    kwargs = dict(kwargs, return_dict=False)
+    if name == "flux":
         txt = kwargs["encoder_hidden_states"].shape[1]
         img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(latent).float(), torch.arange(latent).float(), indexing="ij"), -1)
-        kwargs.update(timestep=t.float().expand(batch) / 1000, img_ids=img_ids.reshape(-1, 3),
-                      txt_ids=torch.zeros(txt, 3), return_dict=False)
+        kwargs.update(timestep=t.float().expand(batch) / 1000, img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(txt, 3))
         return (x,), kwargs
-    x = torch.randn(batch, model.config.in_channels, latent, latent, generator=g)
     if name == "dit":
-        kwargs.update(timestep=t.expand(batch), class_labels=torch.arange(batch) % 10, return_dict=False)
+        kwargs.update(timestep=t.expand(batch), class_labels=torch.arange(batch) % 10)
         return (x,), kwargs
     if name in ("pixart", "pixart-alpha", "sd3"):
-        kwargs.update(timestep=t.expand(batch), return_dict=False)
+        kwargs.update(timestep=t.expand(batch))
         return (x,), kwargs
-    kwargs["return_dict"] = False
+    if name in ("wan", "wan-bench"):
+        return (x, t.expand(batch), kwargs.pop("encoder_hidden_states")), kwargs
+    if name in ("hunyuan-video", "hunyuan-video-bench"):
+        # Pipelines pass the prompt mask as float; guidance is the distilled-CFG scale x 1000.
+        texts = kwargs["encoder_hidden_states"].shape[1]
+        kwargs.update(encoder_attention_mask=torch.ones(batch, texts), guidance=torch.full((batch,), 6000.0))
+        return (x, t.expand(batch)), kwargs
+    if name == "svd":
+        # added_time_ids: fps, motion bucket, noise augmentation (SVD's pipeline order).
+        kwargs.update(added_time_ids=torch.tensor([[6.0, 127.0, 0.02]]).repeat(batch, 1))
+        return (x, t.float()), kwargs
+    if name == "mochi":
+        texts = kwargs["encoder_hidden_states"].shape[1]
+        kwargs.update(timestep=t.expand(batch), encoder_attention_mask=torch.ones(batch, texts, dtype=torch.bool))
+        return (x,), kwargs
+    if name in ("hidream", "hidream-moe"):
+        kwargs.update(timesteps=t.expand(batch))
+        return (x,), kwargs
+    if name == "lumina2":
+        texts = kwargs["encoder_hidden_states"].shape[1]
+        kwargs.update(encoder_attention_mask=torch.ones(batch, texts, dtype=torch.bool))
+        return (x, t.float().expand(batch) / 1000, kwargs.pop("encoder_hidden_states")), kwargs
     return (x, t), kwargs

@@ -64,19 +64,19 @@ def _zoo(name: str, latent: int, batch: int, steps: int, family: str, blocks: An
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Workload:
     """A random-weight zoo model in a real DDIM loop: each step feeds the model's own
     output back, as a pipeline does, so the latents follow a genuine trajectory."""
-    model, args, kwargs = zoo.build(name, latent=latent, batch=batch)
+    model, args, _ = zoo.build(name, latent=latent, batch=batch)
     model.to(device=device, dtype=dtype)
-    kwargs = torch.utils._pytree.tree_map(
-        lambda v: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, kwargs)
     sched = _ddim(steps)
     x0 = args[0].clone()
-    channels = x0.shape[1]
+    conditions = torch.utils._pytree.tree_map(
+        lambda v: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v,
+        zoo.conditions(model))
 
     def call(denoiser, x, t):
-        if name in ("pixart", "pixart-alpha", "sd3", "dit"):
-            kw = dict(kwargs, timestep=t.expand(x.shape[0]))
-            return denoiser(x, **kw)[0][:, :channels]
-        return denoiser(x, t, **kwargs)[0]
+        a, kw = zoo.call_inputs(model, x, t, conditions)
+        a, kw = torch.utils._pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, (a, kw))
+        # Learned-sigma DiTs return twice the channels: the first half is the noise.
+        return denoiser(*a, **kw)[0][tuple(slice(None, n) for n in x.shape)]
 
     def run(denoiser, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -135,6 +135,14 @@ ZOO_WORKLOADS = {
         "PixArt-alpha-config DiT (28 blocks, width 1152, random weights), latent {l}x{l} (patch 2)"),
     "unet-tiny": ZooWorkload("unet-tiny", 8, "unet", _UNET, "tiny UNet (random weights), latent {l}x{l}"),
     "pixart": ZooWorkload("pixart", 8, "dit", "attention", "tiny PixArt (random weights), latent {l}x{l}"),
+    "wan-bench": ZooWorkload(
+        "wan-bench", 16, "dit", "attention",
+        "Wan-2.x-like video DiT (6 blocks, width 256, random weights), latent 5x{l}x{l} (patch 1x2x2: "
+        "5x{l}x{l}/4 tokens), 5 text tokens"),
+    "hunyuan-video-bench": ZooWorkload(
+        "hunyuan-video-bench", 16, "dit", "attention",
+        "HunyuanVideo-like DiT (3 double + 3 single blocks, width 256, random weights), latent 5x{l}x{l} "
+        "(patch 1x2x2), 5 text tokens"),
 }
 WORKLOADS = (*ZOO_WORKLOADS, "digits-unet", "digits-dit")
 

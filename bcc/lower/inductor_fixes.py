@@ -1,0 +1,89 @@
+"""lower: a scoped correction of inductor's ``torch.cond`` lowering, active while bcc compiles.
+
+Inductor lowers both branch subgraphs of a ``cond`` for the strides its operands were
+traced with (``meta["val"]``) and asserts them at the branch's entry, but
+``ir.Conditional.create`` only realizes the operands: an operand whose producer has a
+flexible layout (the clone of ``conv(x).flatten(2).transpose(1, 2)``, the patch tokens
+of every video DiT and of SVD's UNet) may come out in its producer's order and fail the
+assertion (``expected ... stride 1==16``). No inductor setting avoids it. While active,
+:func:`cond_operand_strides` requires each tensor operand's traced strides first,
+exactly as ``Conditional.create`` already does for the branch outputs; values are
+unchanged, at most a copy is added where inductor had picked another layout.
+
+The patch is installed only around bcc's own inductor compiles, never globally, and is
+a no-op on a torch whose inductor has another shape (then the assertion can come back
+and is reported as a BccError by the caller).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+
+__all__ = ["cond_operand_strides"]
+
+_lock = threading.Lock()
+_depth = 0
+_original = None
+
+
+def _patched_create(cls, predicate, true_fn, false_fn, operands, *args, **kwargs):
+    from torch._inductor import ir
+    from torch._inductor.virtualized import V
+
+    node = getattr(V.graph, "current_node", None)
+    traced = node.args[-1] if node is not None and node.args else ()
+    fixed = []
+    for x, op in zip(operands, traced if isinstance(traced, (list, tuple)) else ()):
+        val = op.meta.get("val") if isinstance(op, fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.layout == torch.strided and isinstance(x, ir.IRNode):
+            x = ir.ExternKernel.require_exact_strides(x, val.stride())
+        fixed.append(x)
+    fixed.extend(operands[len(fixed):])
+    return _original(cls, predicate, true_fn, false_fn, fixed, *args, **kwargs)
+
+
+def _supported() -> bool:
+    try:
+        from torch._inductor import ir
+    except ImportError:  # a torch without inductor
+        return False
+    create = getattr(getattr(ir, "Conditional", None), "create", None)
+    return (create is not None and hasattr(create, "__func__")
+            and hasattr(ir.ExternKernel, "require_exact_strides"))
+
+
+@contextlib.contextmanager
+def cond_operand_strides() -> Iterator[bool]:
+    """Within this context inductor gives ``cond`` operands their traced strides.
+
+    Yields whether the correction is installed (False on an inductor it does not know).
+    Reentrant; the original lowering is back when the outermost context exits.
+
+    Example:
+        >>> with cond_operand_strides() as active:
+        ...     active
+        True
+    """
+    global _depth, _original
+    if not _supported():
+        yield False
+        return
+    from torch._inductor import ir
+
+    with _lock:
+        if _depth == 0:
+            _original = ir.Conditional.create.__func__
+            ir.Conditional.create = classmethod(_patched_create)
+        _depth += 1
+    try:
+        yield True
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                ir.Conditional.create = classmethod(_original)
+                _original = None
