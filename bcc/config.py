@@ -74,7 +74,9 @@ class BccConfig:
                 ErrorCode.CONFIG_INVALID,
                 f"BccConfig.mode must be one of {_MODES}, got {self.mode!r}. "
                 "Use 'residual' for blocks with a skip connection (the default), 'output' to "
-                "cache whole block outputs.",
+                "cache whole block outputs. (torch.compile's modes are not bcc modes: for CUDA graphs, "
+                "what mode='reduce-overhead' means, pass strategy='specialize', "
+                "inductor_options={'triton.cudagraphs': True}.)",
             )
         if not (isinstance(self.backend, str) or callable(self.backend)):
             raise BccError(

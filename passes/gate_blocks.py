@@ -158,9 +158,11 @@ class GateBlocksPass(PassBase):
     one ``bcc_cache_*`` per cached tensor at the front, and appends the new caches to
     the outputs. Writes ``gm.meta["bcc_cache_slots"]`` (a :class:`CacheSlot` each).
 
-    With ``scale_shift=True`` it also adds one ``bcc_ss_*`` input per cache slot (a
-    ``[T, 2, B, C]`` table of ``gamma, beta`` per sample); the reuse branch then returns
-    ``(1 + gamma[step]) * cache + beta[step]`` where it returned ``cache``.
+    With ``scale_shift=True`` it also adds one ``bcc_ss_*`` input per cache slot: this
+    step's ``[1, 2, B, C]`` row of ``gamma, beta`` per sample, which the runtime slices from
+    the ``[T, 2, B, C]`` table on the host (the graph never indexes a device table with the
+    CPU step); the reuse branch then returns ``(1 + gamma) * cache + beta`` where it
+    returned ``cache``.
 
     Example:
         >>> import torch
@@ -236,8 +238,9 @@ class GateBlocksPass(PassBase):
                 # own lowering with other strides, so operands enter contiguous.
                 operands = tuple(a if a.op == "get_attr" else _contiguous(graph, a) for a in node.args)
                 pred = graph.call_function(aten.select.int, (row, 0, i))
-                # This step's [1, 2, B, C] rows are picked outside the branch, like the predicate.
-                ss_rows = tuple(graph.call_function(aten.index_select.default, (t, 0, step1)) for t in plan.tables)
+                # The inputs are already this step's [1, 2, B, C] rows: indexing a device
+                # table with the CPU step would be a device mismatch (or a copy) on a GPU.
+                ss_rows = tuple(plan.tables)
                 t_attr = graph.get_attr(true_name)
                 f_attr = graph.get_attr(false_name)
                 cond = graph.call_function(

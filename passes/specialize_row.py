@@ -6,7 +6,11 @@ row of the schedule the decisions are known, so the branch can be inlined: no
 graph per distinct row is the alternative DESIGN.md §3 names for CUDA graphs
 (``mode="reduce-overhead"`` cannot capture a data-dependent branch); the runtime picks
 the graph for the step's row on the host. The inputs stay those of the gated graph
-(schedule and step included, unused) so both forms are called the same way.
+(schedule and step included, unused) so both forms are called the same way. The graph
+stays functional (caches in, new caches out); under CUDA graphs the runtime keeps the
+caches in static buffers and copies the new ones into them after each call
+(``bcc.lower.compile.RowDispatch``), since a CUDA graph's outputs are overwritten by the
+next call.
 
 It is not in :data:`bcc.passes.DEFAULT_PASSES`: it runs per row, on a copy of their
 result, through :func:`bcc.passes.specialize`.

@@ -207,7 +207,7 @@ def test_format_1_metadata_still_loads_and_a_mismatch_names_the_argument(tmp_pat
     path = bcc.save_exported(bcc.export(Toy(), schedule, ((x, t), {})), tmp_path / "toy.pt2")
     meta = tmp_path / "toy.bcc.json"
     payload = json.loads(meta.read_text())
-    assert payload["version"] == 2 and payload["signature"]["leaves"][0]["name"] == "args[0]"
+    assert payload["version"] == 3 and payload["signature"]["leaves"][0]["name"] == "args[0]"
     # bcc's first export format kept the signature as nested lists.
     old = [payload["signature"]["structure"],
            [["T", leaf["shape"], f"torch.{leaf['dtype']}", leaf["device"], None] for leaf in payload["signature"]["leaves"]]]

@@ -133,9 +133,16 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
         patches = dict(cfg.inductor_options)
         if mode not in (None, "default"):
             patches = {**torch._inductor.list_mode_options(mode), **patches}
+        if patches.get("triton.cudagraphs"):
+            raise BccError(
+                ErrorCode.CUDA_GRAPHS_BRANCH,
+                f"CUDA graphs were asked for (torch.compile mode={mode!r} or inductor option triton.cudagraphs), "
+                "but backend 'bcc' compiles every cached block as a torch.cond, which CUDA graphs cannot "
+                "capture: inductor would skip them silently. Use bcc.compile(model, schedule, "
+                "strategy='specialize', inductor_options={'triton.cudagraphs': True}) instead, or drop the mode.")
         caches = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in specs]
-        example = [mask, torch.zeros((), dtype=torch.int64), *caches,
-                   *(example_inputs[i] for i in captured.tensor_positions)]
+        extra = _static([mask, torch.zeros((), dtype=torch.int64), *caches], example_inputs)
+        example = [*extra, *(example_inputs[i] for i in captured.tensor_positions)]
         with cond_operand_strides():
             fn = compile_fx(rewritten, example, config_patches=patches)
     stepper = Stepper(Program(fn, mask, specs))
@@ -171,6 +178,22 @@ def _parse_options(options: Any) -> tuple[Any, Any, BccConfig]:
         raise BccError(ErrorCode.BACKEND_OPTIONS,
                        f"options['backend'] must be 'inductor' or 'eager' for backend 'bcc', got {cfg.backend!r}.")
     return schedule, blocks, cfg
+
+
+def _static(tensors: list[torch.Tensor], example_inputs: Sequence[Any]) -> list[Any]:
+    """``tensors`` as static-shaped fakes of the fake mode Dynamo traced ``example_inputs`` in.
+
+    The schedule, step and caches are not Dynamo's inputs; handed over real, inductor would
+    fakify them with symbolic sizes, and a whole-output cache (output mode) would then
+    meet the block's static output in the cond's two branches ("cond's output stride is
+    not a simple accumulative multiplication of sizes").
+    """
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return tensors
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _refuse_symbolic(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:

@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from bcc.capture.graph import Captured
 from bcc.config import BccConfig
+from bcc.errors import BccError, ErrorCode
 from bcc.lower.inductor_fixes import cond_operand_strides
 from bcc.passes import CacheSlot, PassConfig, run_passes, specialize
 from bcc.passes.annotate_blocks import BLOCKS
@@ -69,23 +70,122 @@ class RowDispatch:
 
     The schedule and the step are CPU tensors (see :mod:`bcc.runtime.stepper`), so
     reading the row costs no device sync. A new schedule's unseen rows compile on first use.
+
+    **CUDA graphs** (``inductor_options={"triton.cudagraphs": True}``, what
+    ``mode="reduce-overhead"`` turns on): a CUDA-graphed call returns tensors in the graph
+    pool, and the next call of any compiled graph starts a new generation that overwrites
+    them (torch issue #152887), so caches fed back as the next step's inputs would be
+    gone. Here the caches then live in static buffers, one set per stream, marked as
+    static addresses so every row's graph reads them in place (no copy in, no per-row
+    copy); after each call the new caches are copied into them (one device-to-device copy
+    of the cache bytes per step, no sync) and the model's outputs are cloned out of the
+    pool, so a caller may keep them past the next call. Memory: the static sets (they
+    are the caches the stepper holds, so nothing extra) plus one set of cache outputs in
+    the graph pool, shared by the rows' graphs since one generation lives at a time.
+
+    Example:
+        >>> from bcc.capture.graph import capture
+        >>> from bcc.passes import PassConfig, run_passes
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a = torch.nn.Linear(2, 2)
+        ...     def forward(self, x):
+        ...         return self.a(x) * 2
+        >>> gm = run_passes(capture(Net(), (torch.ones(1, 2),)).gm, PassConfig(names=("a",), mode="output"))
+        >>> rows = RowDispatch(gm, BccConfig(backend="eager", strategy="specialize"))
+        >>> schedule = torch.tensor([[True], [False]])
+        >>> out, cache = rows(schedule, torch.tensor(1), torch.full((1, 2), 3.0), torch.ones(1, 2))
+        >>> out, sorted(rows.variants)
+        (tensor([[6., 6.]]), [(False,)])
     """
+
+    _MAX_STATIC_SETS = 8  # cache sets kept (streams x recent trajectories); an evicted one is copied in again
 
     def __init__(self, gm: fx.GraphModule, config: BccConfig):
         self.gm = gm
         self.config = config
         self.variants: dict[tuple[bool, ...], Callable[..., Any]] = {}
+        self.cudagraphs = RowDispatch.uses_cudagraphs(config)
+        self._n_caches = len(gm.meta[SLOTS])
+        # By the data pointers of the tensors handed back to the stepper: its detach()
+        # makes new tensor objects, so the static-address mark must stay on these.
+        self._static: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    @staticmethod
+    def uses_cudagraphs(config: BccConfig) -> bool:
+        """Whether ``config`` compiles with CUDA graphs (inductor's ``triton.cudagraphs``,
+        from ``inductor_options`` or inductor's global config).
+
+        Example:
+            >>> RowDispatch.uses_cudagraphs(BccConfig(inductor_options={"triton.cudagraphs": True}))
+            True
+            >>> RowDispatch.uses_cudagraphs(BccConfig(backend="eager", inductor_options={"triton.cudagraphs": True}))
+            False
+        """
+        if config.backend == "eager":
+            return False
+        flag = config.inductor_options.get("triton.cudagraphs")
+        if flag is None:
+            flag = (config.inductor_options.get("triton") or {}).get("cudagraphs")
+        if flag is None:
+            import torch._inductor.config as inductor_config
+
+            flag = inductor_config.triton.cudagraphs
+        return bool(flag)
+
+    @staticmethod
+    def check_strategy(config: BccConfig) -> None:
+        """Refuse (``BCC705``) CUDA graphs with ``strategy="branch"``: inductor cannot capture
+        a ``torch.cond`` and would run without CUDA graphs, silently.
+
+        Example:
+            >>> RowDispatch.check_strategy(BccConfig(inductor_options={"triton.cudagraphs": True}))
+            Traceback (most recent call last):
+            ...
+            bcc.errors.BccError: [BCC705] CUDA graphs were asked for ...
+        """
+        if config.strategy != "specialize" and RowDispatch.uses_cudagraphs(config):
+            raise BccError(
+                ErrorCode.CUDA_GRAPHS_BRANCH,
+                "CUDA graphs were asked for (inductor option triton.cudagraphs, which mode='reduce-overhead' "
+                "sets), but strategy='branch' compiles every cached block as a torch.cond, which CUDA graphs "
+                "cannot capture: inductor would skip them silently. Pass strategy='specialize' (one "
+                "branch-free graph per distinct schedule row, CUDA-graphed) or drop the option.")
 
     def __call__(self, schedule: torch.Tensor, step: torch.Tensor, *rest: Any) -> Any:
         row = tuple(schedule[int(step)].tolist())
         fn = self.variants.get(row)
         if fn is None:
             fn = self.variants[row] = compile_graph(specialize(self.gm, row), self.config)
-        return fn(schedule, step, *rest)
+        if not self.cudagraphs:
+            return fn(schedule, step, *rest)
+        n = self._n_caches
+        caches = self._static_caches(rest[:n])
+        outs = fn(schedule, step, *caches, *rest[n:])
+        k = len(outs) - n
+        for held, new in zip(caches, outs[k:]):
+            held.copy_(new)
+        return [o.clone() for o in outs[:k]] + caches
+
+    def _static_caches(self, given: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The static set ``given`` is (the stepper hands back what the last call returned),
+        or a new one holding ``given``'s values (a stream's first call)."""
+        held = self._static.pop(tuple(c.data_ptr() for c in given), None)
+        if held is None:
+            held = [torch.empty_like(c, memory_format=torch.contiguous_format) for c in given]
+            for h, c in zip(held, given):
+                h.copy_(c)
+                torch._dynamo.mark_static_address(h, guard=False)  # an address change re-records, never recompiles
+            if len(self._static) >= self._MAX_STATIC_SETS:
+                self._static.pop(next(iter(self._static)))
+        self._static[tuple(h.data_ptr() for h in held)] = held  # most recently used last
+        return held
 
 
 def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shift: bool = False) -> Lowered:
     """Gate ``names`` in ``captured`` (:func:`bcc.passes.run_passes`) and compile for ``config``."""
+    RowDispatch.check_strategy(config)
     gm = run_passes(captured.gm, PassConfig(names=tuple(names), mode=config.mode, scale_shift=scale_shift))
     fn = RowDispatch(gm, config) if config.strategy == "specialize" else compile_graph(gm, config)
     return Lowered(gm, fn, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))

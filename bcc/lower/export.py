@@ -3,7 +3,8 @@
 :func:`export` captures the model, rewrites its blocks into schedule-gated
 ``torch.cond`` branches (:func:`bcc.passes.run_passes`, the pass list
 :func:`bcc.compile` runs, with weights lifted to inputs) and exports the rewritten graph. The program is functional: it takes
-``(bcc_schedule, bcc_step, *caches, *model tensor leaves)`` and returns
+``(bcc_schedule, bcc_step, *caches, *model tensor leaves)`` (with scale-shift also
+``bcc_ss_step`` after the caches) and returns
 ``(*model output leaves, *new caches)``, so the trajectory state lives outside it and
 the artifact needs no Python to run (``torch.export.save`` or an AOTInductor package).
 :class:`ExportedDenoiser` holds that state in a :class:`bcc.runtime.stepper.Stepper`
@@ -12,11 +13,17 @@ the artifact needs no Python to run (``torch.export.save`` or an AOTInductor pac
 Everything in an exported program is static: batch size, resolution, dtype and device
 are those of the example inputs (the caches have those shapes). A call with other
 shapes is refused (``BCC703``); export again for another shape.
+
+The step that gates the blocks is a CPU tensor (the predicates are host reads, free of
+any device sync); the baked scale-shift tables are indexed by ``bcc_ss_step``, the same
+step as a one-element tensor on the tables' device, which :class:`ExportedDenoiser`
+prepares once per step at load time, so no device table is ever indexed by a CPU tensor.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +35,7 @@ import torch.utils._pytree as pytree
 from bcc._io import write_json
 from bcc.analyze.blocks import module_calls
 from bcc.capture.graph import capture, flatten_call
-from bcc.capture.signature import Signature, diff, signature_of
+from bcc.capture.signature import Signature, TensorLeaf, diff, signature_of
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.errors import BccError, BccInternalError, ErrorCode
 from bcc.passes import PassConfig, run_passes
@@ -42,8 +49,12 @@ from bcc.scale_shift.params import ScaleShift
 __all__ = ["ExportMeta", "ExportedDenoiser", "export", "save_exported", "load_exported", "meta_path"]
 
 FORMAT = "bcc-export"
-VERSION = 2  # 2: the signature is a Signature's JSON (1: nested lists, still read)
-_READS = (1, 2)
+# 3: slots record their device, scale-shift programs take bcc_ss_step; 2: the signature
+# is a Signature's JSON; 1: nested lists. 1 and 2 are still read (their caches go on the
+# device of the recorded inputs, their tables were indexed by the CPU step).
+VERSION = 3
+_READS = (1, 2, 3)
+SS_STEP = "bcc_ss_step"
 _META_KEY = "bcc_export"
 _SCHEDULE_VERSION = 1  # Schedule.to_dict's format version this reader understands
 
@@ -57,7 +68,8 @@ class ExportMeta:
         schedule: ``Schedule.to_dict()`` of the export-time schedule, columns in
             graph order (the baked one, or the initial one of a schedule input).
         schedule_input: the schedule is the program's first input (swappable).
-        slots: ``{"block", "output", "base", "shape", "dtype"}`` per cache tensor.
+        slots: ``{"block", "output", "base", "shape", "dtype", "device"}`` per cache
+            tensor (``device`` since format 3).
         state_inputs: names of the program's inputs before the model's tensors.
         num_outputs: the model's output leaves (the caches follow them).
         signature: the :class:`bcc.capture.signature.Signature` of the example call
@@ -133,7 +145,8 @@ def export(
             artifact's schedule can then not be swapped (``BCC505``).
 
     Returns:
-        A program over ``(bcc_schedule?, bcc_step, *caches, *tensors)`` (scale-shift tables are constants)
+        A program over ``(bcc_schedule?, bcc_step, *caches, bcc_ss_step?, *tensors)``
+        (scale-shift tables are constants; ``bcc_ss_step`` is the step on their device)
         returning ``(*outputs, *new caches)``; run it with :class:`ExportedDenoiser`
         or save it with :func:`save_exported`.
 
@@ -179,8 +192,10 @@ def export(
     state = [n for n in state if not n.startswith("bcc_ss_")]  # baked in, not inputs
     caches = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in slots]
     step = torch.zeros((), dtype=torch.int64)
+    ss_step = [torch.zeros(1, dtype=torch.int64, device=tables[0].device)] if tables else []
+    state += [SS_STEP] if tables else []
     root = _Program(gm, weights, None if schedule_input else ordered.mask, tables)
-    inputs = ((ordered.mask,) if schedule_input else ()) + (step, *caches, *tensors)
+    inputs = ((ordered.mask,) if schedule_input else ()) + (step, *caches, *ss_step, *tensors)
     with torch.no_grad():
         ep = torch.export.export(root, inputs, strict=False)
     try:
@@ -190,7 +205,7 @@ def export(
     meta = ExportMeta(
         block_names=names, schedule=ordered.to_dict(), schedule_input=schedule_input,
         slots=tuple({"block": s.block, "output": s.output, "base": s.base, "shape": list(s.shape),
-                     "dtype": str(s.dtype).removeprefix("torch.")} for s in slots),
+                     "dtype": str(s.dtype).removeprefix("torch."), "device": str(s.device)} for s in slots),
         state_inputs=tuple(state if schedule_input else state[1:]),
         num_outputs=len(gm.graph.output_node().args[0]) - len(slots),
         signature=captured.signature, out_spec=out_spec, mode=mode,
@@ -219,6 +234,8 @@ class _Program(torch.nn.Module):
     torch.export lifts module weights only at the top level; a weight read inside a
     ``cond`` branch would be exported as a fake constant, so every weight is a graph
     input, passed from this module's attributes (export lifts those as parameters).
+    The baked scale-shift tables reach the graph as this step's rows, picked with the
+    ``bcc_ss_step`` input, which lives on their device (the graph's own step is a CPU tensor).
     """
 
     def __init__(self, gm: fx.GraphModule, weights: list[str], schedule: torch.Tensor | None,
@@ -234,6 +251,8 @@ class _Program(torch.nn.Module):
         first = next((i for i, n in enumerate(names) if n.startswith("bcc_ss_")), len(names))
         self._n_before_tables = first - (schedule is not None)
         names = [n for n in names if not n.startswith("bcc_ss_")]
+        if self._tables:
+            names.insert(first, SS_STEP)
 
         # export names the program's inputs after forward's parameters: give them the graph's names.
         def forward(*inputs: torch.Tensor):
@@ -247,7 +266,10 @@ class _Program(torch.nn.Module):
         head = () if self._schedule is None else (self._schedule,)
         weights = [fetch_attr(self.rewritten, w) for w in self._weights]
         k = self._n_before_tables
-        return self.rewritten(*head, *inputs[:k], *self._tables, *inputs[k:], *weights)
+        if not self._tables:
+            return self.rewritten(*head, *inputs, *weights)
+        rows = [t.index_select(0, inputs[k]) for t in self._tables]
+        return self.rewritten(*head, *inputs[:k], *rows, *inputs[k + 1:], *weights)
 
 
 # -- running ----------------------------------------------------------------------------
@@ -274,10 +296,17 @@ class ExportedDenoiser:
     def __init__(self, program: Callable[..., Any], meta: ExportMeta):
         self.meta = meta
         self._schedule = Schedule.from_dict(meta.schedule)
-        # The metadata records no device: the artifacts bcc writes run on the CPU.
-        caches = tuple(CacheSpec(tuple(s["shape"]), getattr(torch, s["dtype"]), torch.device("cpu"))
+        # Caches live where the model ran at export time (format 3 records it per slot;
+        # older metadata only through the recorded inputs).
+        default = _inputs_device(meta.signature)
+        caches = tuple(CacheSpec(tuple(s["shape"]), getattr(torch, s["dtype"]), torch.device(s.get("device", default)))
                        for s in meta.slots)
-        self._stepper = Stepper(Program(program, self._schedule.mask, caches, schedule_input=meta.schedule_input))
+        # bcc_ss_step's rows: the step on the tables' device, made once here, so a call
+        # costs no host-to-device copy.
+        extra = ((torch.arange(self._schedule.num_steps, device=caches[0].device),)
+                 if SS_STEP in meta.state_inputs and caches else ())
+        self._stepper = Stepper(Program(program, self._schedule.mask, caches, extra,
+                                        schedule_input=meta.schedule_input))
         self._out_spec = None if meta.out_spec is None else pytree.treespec_loads(meta.out_spec)
 
     @classmethod
@@ -340,6 +369,13 @@ class ExportedDenoiser:
         leaves, _ = flatten_call(args, kwargs)
         outs = self._stepper.run(ref, [x for x in leaves if isinstance(x, torch.Tensor)])
         return tuple(outs) if self._out_spec is None else pytree.tree_unflatten(outs, self._out_spec)
+
+
+def _inputs_device(signature: Signature) -> str:
+    """The device most of the recorded tensor inputs are on (a CPU timestep beside a
+    CUDA latent does not move the caches); ``"cpu"`` without tensors."""
+    devices = Counter(x.device for x in signature.leaves if isinstance(x, TensorLeaf))
+    return devices.most_common(1)[0][0] if devices else "cpu"
 
 
 def exported_meta(ep: torch.export.ExportedProgram) -> ExportMeta:

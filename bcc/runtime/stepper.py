@@ -39,10 +39,13 @@ The contract, for every source:
   changes nothing.
 * A call that fails leaves the trajectory unknown: the stepper resets.
 
-A program with ``window=True`` reads only row 0 of its schedule and tables: the
-stepper hands it the one-row window ``schedule[step:step + 1]`` with step 0, so the
-graph's input shapes do not depend on the number of steps and one compiled graph
-serves every step count (``bcc.compile`` does this; exported programs keep the
+A program's extra inputs (scale-shift tables) are ``[T, ...]`` tables, and it gets
+only the step's row of each, ``table[step:step + 1]``, sliced here on the host: the
+graph never indexes a device tensor with the CPU step (a device mismatch on a GPU, or
+a copy and a sync). A program with ``window=True`` reads only row 0 of its schedule
+too: the stepper hands it the one-row window ``schedule[step:step + 1]`` with step 0,
+so the graph's input shapes do not depend on the number of steps and one compiled
+graph serves every step count (``bcc.compile`` does this; exported programs keep the
 ``[T, K]`` input their artifact was made with).
 """
 from __future__ import annotations
@@ -210,11 +213,12 @@ class Program:
         schedule: the ``[T, K]`` bool mask, columns in the program's block order (kept
             even when baked in: it says which rows recompute every block).
         caches: one :class:`CacheSpec` per cache input.
-        extra: inputs between the caches and the tensors (scale-shift tables, ``[T, ...]``).
+        extra: ``[T, ...]`` tables (scale-shift); ``fn`` gets each one's row for the step,
+            ``extra[i][step:step + 1]``, between the caches and the tensors.
         schedule_input: the schedule is ``fn``'s first input (False: baked in).
-        window: ``fn`` reads row 0 only: it gets ``schedule[step:step + 1]`` and
-            ``extra[i][step:step + 1]`` with step 0, so its input shapes are the same for
-            every step count (no recompile for another T).
+        window: ``fn`` reads row 0 of its schedule only: it gets ``schedule[step:step + 1]``
+            with step 0, so its input shapes are the same for every step count (no
+            recompile for another T).
     """
 
     fn: Callable[..., Sequence[torch.Tensor]]
@@ -263,7 +267,7 @@ class _Feed:
     heads: tuple[tuple[torch.Tensor, ...], ...]  # per step: (schedule argument,) or ()
     fresh: tuple[tuple[torch.Tensor, ...], ...]  # the same for a stream's first call: all True
     steps: tuple[torch.Tensor, ...]  # per step: the 0-d CPU step tensor
-    extras: tuple[tuple[torch.Tensor, ...], ...]  # per step: the extra inputs
+    extras: tuple[tuple[torch.Tensor, ...], ...]  # per step: each extra table's row
     full_rows: tuple[bool, ...]  # row s recomputes every block
 
 
@@ -272,19 +276,20 @@ def _feed(program: Program, old: _Feed | None) -> _Feed:
         raise BccInternalError("a Program's schedule must be a [T, K] mask")
     mask, T = program.schedule, program.num_steps
     full = tuple(mask.all(dim=1).tolist())
+    # Rows sliced once per program, on the tables' own device (no host read, no sync
+    # per call). Clones, not views: every step's inputs then have one layout and
+    # offset, which is all a graph compiled for the first of them assumes.
+    extras = tuple(tuple(x.narrow(0, s, 1).clone() for x in program.extra) for s in range(T))
     if program.window:
-        # Clones, not views: every step's inputs then have one layout and offset, which
-        # is all a graph compiled for the first of them assumes.
         zero = torch.zeros((), dtype=torch.int64)
         ones = torch.ones_like(mask[:1])
         heads = tuple((mask[s:s + 1].clone(),) for s in range(T))
         fresh = ((ones,),) * T
-        extras = tuple(tuple(x[s:s + 1].clone() for x in program.extra) for s in range(T))
         return _Feed(program, heads, fresh, (zero,) * T, extras, full)
     steps = old.steps if old is not None and not old.program.window and len(old.steps) == T else \
         tuple(torch.tensor(s, dtype=torch.int64) for s in range(T))
     head, fresh = ((mask,), (torch.ones_like(mask),)) if program.schedule_input else ((), ())
-    return _Feed(program, (head,) * T, (fresh,) * T, steps, (tuple(program.extra),) * T, full)
+    return _Feed(program, (head,) * T, (fresh,) * T, steps, extras, full)
 
 
 @dataclass

@@ -150,10 +150,9 @@ def _svd(latent: int):
 
     model = UNetSpatioTemporalConditionModel(
         sample_size=latent, in_channels=8, out_channels=4,
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        block_out_channels=(32, 64), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
-        layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4), num_frames=2,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal",), up_block_types=("CrossAttnUpBlockSpatioTemporal",),
+        block_out_channels=(32,), addition_time_embed_dim=8, projection_class_embeddings_input_dim=24,
+        layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2,), num_frames=2,
     )
     return model, {"encoder_hidden_states": (1, 32)}
 

@@ -136,11 +136,11 @@ ZOO_WORKLOADS = {
     "unet-tiny": ZooWorkload("unet-tiny", 8, "unet", _UNET, "tiny UNet (random weights), latent {l}x{l}"),
     "pixart": ZooWorkload("pixart", 8, "dit", "attention", "tiny PixArt (random weights), latent {l}x{l}"),
     "wan-bench": ZooWorkload(
-        "wan-bench", 16, "dit", "attention",
+        "wan-bench", 32, "dit", "attention",
         "Wan-2.x-like video DiT (6 blocks, width 256, random weights), latent 5x{l}x{l} (patch 1x2x2: "
         "5x{l}x{l}/4 tokens), 5 text tokens"),
     "hunyuan-video-bench": ZooWorkload(
-        "hunyuan-video-bench", 16, "dit", "attention",
+        "hunyuan-video-bench", 32, "dit", "attention",
         "HunyuanVideo-like DiT (3 double + 3 single blocks, width 256, random weights), latent 5x{l}x{l} "
         "(patch 1x2x2), 5 text tokens"),
 }
