@@ -129,9 +129,9 @@ def markdown(results: dict[str, Any]) -> str:
         "(`python -m bcc.tools.bench.speed`, also `bcc bench speed`). CPU only: ratios are what count here; "
         "absolute times are this 2-core machine's. The ideal speedup is total FLOPs / executed FLOPs "
         "(FlopCounterMode, attention included); efficiency = measured speedup / ideal. Speedups divide by "
-        "the plain model on the same backend. These runs shared the two cores with other benchmark jobs "
-        "(up to five processes at once): alternation cancels slow periods only on average, so look at "
-        "the repeat-by-repeat spread before trusting a difference of a few percent.",
+        "the plain model on the same backend. Alternation cancels slow periods only on average (and "
+        "other jobs on the two cores make them worse): look at the repeat-by-repeat spread before "
+        "trusting a difference of a few percent.",
         "",
     ]
     for r in results.values():
