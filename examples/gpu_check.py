@@ -31,8 +31,8 @@ bring the diffusers wheel (pure Python, any platform), from the repository root 
 
 and run there, carrying ``.whl`` (its other needs are in the machine's image)::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 examples/gpu_check.py --budget-s 420 --out "$OUT"
+    python3 -m pip install -q --no-index --no-deps --target .whl/site .whl/*.whl &&
+    PYTHONPATH=.whl/site PYTHONUNBUFFERED=1 python3 examples/gpu_check.py --budget-s 420 --out "$OUT"
 
 bcc itself needs no install: from a checkout the script puts the repository on
 ``sys.path`` and maps ``passes/`` to ``bcc.passes`` (what ``pip install .`` does). The

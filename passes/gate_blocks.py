@@ -26,7 +26,7 @@ from bcc.analyze.slots import CacheSlot, batch_broadcast_shape
 
 from bcc.passes.annotate_blocks import BLOCKS, META
 from bcc.passes.lift_weights import WEIGHTS
-from bcc.passes.outline_blocks import PREFIX
+from bcc.passes.outline_blocks import PREFIX, storage_key
 
 __all__ = ["CacheSlot", "GateBlocksPass", "SLOTS"]
 
@@ -83,16 +83,9 @@ def _contiguous(g: fx.Graph, node: fx.Node, like: fx.Node | None = None) -> fx.N
     return g.call_function(aten.contiguous.default, (node,))
 
 
-def _storage(t) -> int | None:
-    try:
-        return t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
 def _aliases(val, inputs: list) -> bool:
-    key = _storage(val)
-    return key is not None and any(_storage(v) == key for v in inputs)
+    key = storage_key(val)
+    return key is not None and any(storage_key(v) == key for v in inputs)
 
 
 class _Holder(torch.nn.Module):

@@ -13,6 +13,14 @@ from bcc.passes.annotate_blocks import BLOCKS, META
 PREFIX = "bcc_block_"
 
 
+def storage_key(t) -> int | None:
+    """An id of ``t``'s storage (fake values too), or None for a non-tensor or a tensor without one."""
+    try:
+        return t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None
+    except (RuntimeError, NotImplementedError):  # e.g. sparse
+        return None
+
+
 def _same_tensor(node: fx.Node, src: fx.Node) -> bool:
     """``node`` returned ``src`` itself (``x.float()`` of fp32, ``contiguous()`` of a contiguous
     tensor, ``alias``): a non-mutating op whose value shares storage, shape, strides, offset
@@ -22,13 +30,10 @@ def _same_tensor(node: fx.Node, src: fx.Node) -> bool:
     if node.target._schema.is_mutable:
         return False
     v, s = node.meta.get("val"), src.meta.get("val")
-    if not (isinstance(v, torch.Tensor) and isinstance(s, torch.Tensor)):
+    key = storage_key(v)
+    if key is None or key != storage_key(s):
         return False
-    try:
-        same = v.untyped_storage()._cdata == s.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):  # a tensor without storage (e.g. sparse)
-        return False
-    return (same and v.shape == s.shape and v.stride() == s.stride()
+    return (v.shape == s.shape and v.stride() == s.stride()
             and v.storage_offset() == s.storage_offset() and v.dtype == s.dtype)
 
 

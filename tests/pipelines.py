@@ -33,6 +33,15 @@ TEXT_LEN = 12  # T5/UMT5 tokens per prompt (max_sequence_length); CLIP takes 16.
 
 
 # -- offline tokenizers and text encoders ------------------------------------------------
+def one_thread():
+    """Fixture body (autouse in the pipeline test modules): the tiny pipelines' ops run on one
+    intra-op thread, since a second one only adds synchronisation (10x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def clip_tokenizer():
     """testing.tiny_tokenizer: a byte-level CLIP tokenizer from a generated vocab (no merges), 16 tokens."""
     from testing import tiny_tokenizer  # imported late: testing imports bcc, the reference below does not

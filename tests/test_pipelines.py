@@ -16,13 +16,7 @@ import pipelines as P
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: a second intra-op thread only adds synchronisation.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(P.one_thread)
 
 
 # -- helpers ----------------------------------------------------------------------------

@@ -16,13 +16,7 @@ ALL = pytest.mark.parametrize("name", sorted(P.BUILDERS))
 _BUILT: dict = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: a second intra-op thread only adds synchronisation (10x slower on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True)(P.one_thread)
 
 
 def built(name: str, **kwargs):

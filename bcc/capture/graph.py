@@ -144,8 +144,8 @@ def _latent_leaf(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list
     those are skipped.
     """
     try:
-        params = list(inspect.signature(model.forward).parameters.values())
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        sig = inspect.signature(model.forward)
+        params, bound = list(sig.parameters.values()), sig.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         return None
     for p in params:

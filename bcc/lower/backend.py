@@ -32,7 +32,7 @@ from bcc.capture.graph import capture
 from bcc.capture.signature import Signature
 from bcc.config import BccConfig
 from bcc.errors import BccError, ErrorCode
-from bcc.lower.inductor_fixes import cond_operand_strides
+from bcc.lower.inductor_fixes import inductor
 from bcc.passes import PassConfig, run_passes
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
@@ -128,8 +128,6 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
     specs = tuple(CacheSpec(s.shape, s.dtype, s.device) for s in rewritten.meta[SLOTS])
     fn: Callable[..., Any] = rewritten
     if cfg.backend == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
         patches = dict(cfg.inductor_options)
         if mode not in (None, "default"):
             patches = {**torch._inductor.list_mode_options(mode), **patches}
@@ -143,8 +141,7 @@ def bcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
         caches = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in specs]
         extra = _static([mask, torch.zeros((), dtype=torch.int64), *caches], example_inputs)
         example = [*extra, *(example_inputs[i] for i in captured.tensor_positions)]
-        with cond_operand_strides():
-            fn = compile_fx(rewritten, example, config_patches=patches)
+        fn = inductor(rewritten, example, patches)
     stepper = Stepper(Program(fn, mask, specs))
     return BackendGraph(stepper, rewritten, captured.tensor_positions, captured.signature)
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 
-__all__ = ["cond_operand_strides"]
+__all__ = ["cond_operand_strides", "inductor"]
 
 _lock = threading.Lock()
 _depth = 0
@@ -87,3 +87,19 @@ def cond_operand_strides() -> Iterator[bool]:
             if _depth == 0:
                 ir.Conditional.create = classmethod(_original)
                 _original = None
+
+
+def inductor(gm: fx.GraphModule, example_inputs: list, options: dict) -> Callable[..., Any]:
+    """``compile_fx`` with inductor settings ``options``, under :func:`cond_operand_strides`
+    (compile time only: the compiled code runs without it). The one way bcc calls inductor.
+
+    Example:
+        >>> gm = fx.symbolic_trace(torch.nn.ReLU())
+        >>> fn = inductor(gm, [torch.ones(2)], {})
+        >>> fn(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    with cond_operand_strides():
+        return compile_fx(gm, example_inputs, config_patches=options)
