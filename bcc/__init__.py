@@ -10,6 +10,8 @@ from bcc.api import compile, find_blocks
 from bcc.lower.backend import _register as _register_backend
 from bcc.plan.calibrate_pipeline import calibrate
 from bcc.plan.budget import Plan
+from bcc.plan.cost import CostModel
+from bcc.plan.search import SearchResult, search_schedule
 from bcc.config import BccConfig
 from bcc.scale_shift.train import train_scale_shift
 from bcc.errors import BccError, BccInternalError, ErrorCode
@@ -38,6 +40,9 @@ __all__ = [
     "ErrorCode",
     "Schedule",
     "Plan",
+    "CostModel",
+    "SearchResult",
+    "search_schedule",
     "TrajectoryMarker",
     "ScaleShift",
     "train_scale_shift",

@@ -171,7 +171,7 @@ def run_passes(gm: fx.GraphModule, config: PassConfig) -> fx.GraphModule:
     return out
 
 
-def specialize(gm: fx.GraphModule, row: Sequence[bool]) -> fx.GraphModule:
+def specialize(gm: fx.GraphModule, row: Sequence[bool], pass_through: bool = True) -> fx.GraphModule:
     """The branch-free graph of one schedule row: :class:`SpecializeRowPass` on a copy of
     :func:`run_passes`'s result (which stays as it is; weights are shared).
 
@@ -188,4 +188,4 @@ def specialize(gm: fx.GraphModule, row: Sequence[bool]) -> fx.GraphModule:
         >>> sum(n.target is torch.ops.higher_order.cond for n in specialize(gm, [False]).graph.nodes)
         0
     """
-    return _run([SpecializeRowPass(row)], specialized(gm))
+    return _run([SpecializeRowPass(row, pass_through)], specialized(gm))

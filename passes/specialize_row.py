@@ -17,6 +17,7 @@ result, through :func:`bcc.passes.specialize`.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -63,9 +64,12 @@ class SpecializeRowPass(PassBase):
         tensor([[6., 6.]])
     """
 
-    def __init__(self, row: Sequence[bool]):
+    def __init__(self, row: Sequence[bool], pass_through: bool = True):
         super().__init__()
         self.row = tuple(bool(b) for b in row)
+        # False keeps the reuse branch's cache copies: under CUDA graphs an output that is a
+        # static input buffer is not something bcc has verified inductor records.
+        self.pass_through = pass_through
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -75,11 +79,22 @@ class SpecializeRowPass(PassBase):
             if i >= len(self.row):
                 raise BccInternalError(f"row has {len(self.row)} entries, the graph gates block {i}")
             branch = cond.args[1 if self.row[i] else 2]
+            operands = tuple(cond.args[3])
             with graph.inserting_before(cond):
-                call = graph.call_module(str(branch.target), tuple(cond.args[3]))
+                call = graph.call_module(str(branch.target), operands)
             call.meta = dict(cond.meta)
             cond.replace_all_uses_with(call)
             graph.erase_node(cond)
+            if not self.row[i] and self.pass_through:
+                # A reused block's caches leave unchanged: without a cond there is no aliasing
+                # rule to satisfy, so the graph returns the cache inputs themselves instead of
+                # the branch's copies (which dead-code elimination then drops).
+                n_caches = len(gm.get_submodule(str(branch.target)).graph.output_node().args[0]) // 2
+                for user in list(call.users):
+                    j = user.args[1] - n_caches
+                    if user.target is operator.getitem and j >= 0:
+                        user.replace_all_uses_with(operands[j])
+                        graph.erase_node(user)
         graph.eliminate_dead_code()
         # Placeholders are kept even when unused: the call signature is the gated graph's.
         gm.delete_all_unused_submodules()

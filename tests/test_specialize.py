@@ -48,7 +48,13 @@ def test_golden_row_inlines_taken_branches_and_keeps_the_signature():
     spec = SpecializeRowPass([True, False])(specialized(gated)).graph_module
     get = "<built-in function getitem>"
     assert _ops(spec) == ["aten.contiguous.default", "bcc_recompute_0", get, get,
-                          "aten.contiguous.default", "bcc_reuse_1", get, get, "aten.mul.Tensor"]
+                          "aten.contiguous.default", "bcc_reuse_1", get, "aten.mul.Tensor"]
+    # The reused block's cache leaves as the cache input itself: no copy of an unchanged cache.
+    outputs = spec.graph.output_node().args[0]
+    assert outputs[-1].op == "placeholder" and outputs[-1].name == "bcc_cache_1_0"
+    assert outputs[-2].op != "placeholder"  # the recomputed block's new cache
+    kept = SpecializeRowPass([True, False], pass_through=False)(specialized(gated)).graph_module
+    assert kept.graph.output_node().args[0][-1].op != "placeholder"  # CUDA graphs: the copy stays
     assert [n.name for n in spec.graph.nodes if n.op == "placeholder"] == \
         [n.name for n in gated.graph.nodes if n.op == "placeholder"]
     # The gated graph is untouched (each row gets its own copy) and shares the weights.

@@ -148,7 +148,7 @@ class RowDispatch:
         row = tuple(schedule[int(step)].tolist())
         fn = self.variants.get(row)
         if fn is None:
-            fn = self.variants[row] = compile_graph(specialize(self.gm, row), self.config)
+            fn = self.variants[row] = compile_graph(specialize(self.gm, row, pass_through=not self.cudagraphs), self.config)
         if not self.cudagraphs:
             return fn(schedule, step, *rest)
         n = self._n_caches

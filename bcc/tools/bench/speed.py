@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -115,9 +115,11 @@ def schedules_for(w: Workload, names, profile) -> dict[str, bcc.Schedule]:
             s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]))
         elif key.startswith("step-"):
             s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]), granularity="step")
+        elif key.startswith("plan-"):
+            continue  # searched on the compiled model (bench_workload)
         else:
-            raise ValueError(f"unknown schedule {key!r}; use all, every-N, auto-F (per block) or step-F "
-                             "(step-level: all blocks refresh together)")
+            raise ValueError(f"unknown schedule {key!r}; use all, every-N, auto-F (per block), step-F "
+                             "(step-level: all blocks refresh together) or plan-F (searched at budget F)")
         out[key] = s
     return out
 
@@ -128,6 +130,7 @@ class _Variant:
 
     fn: Callable
     before: Callable[[], Any] | None = None
+    run: Callable | None = None  # another loop than the workload's (the fewer-steps baseline)
 
     def prepare(self) -> Callable:
         """Run ``before`` and return the denoiser to time."""
@@ -141,12 +144,12 @@ def _time_variants(w: Workload, variants: dict[str, _Variant], repeats: int, log
     totals = {k: [] for k in variants}
     steps = {k: [] for k in variants}
     for variant in variants.values():  # warm-up: first calls capture, compile, allocate
-        w.run(variant.prepare())
+        (variant.run or w.run)(variant.prepare())
     for r in range(repeats):
         for key, variant in variants.items():
             timer = _StepTimer(variant.prepare())
             t0 = time.perf_counter()
-            w.run(timer)
+            (variant.run or w.run)(timer)
             totals[key].append(time.perf_counter() - t0)
             steps[key].append(timer.times)
         log(f"   repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in totals.items()))
@@ -156,8 +159,14 @@ def _time_variants(w: Workload, variants: dict[str, _Variant], repeats: int, log
 
 def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager: bool = True,
                    eager_schedules=("all", "auto-0.5"), specialize: bool = False, peers: bool | str = False,
-                   peer_sweep: str = "full", log=print) -> dict:
+                   peer_sweep: str = "full", fewer: Sequence[int] = (), search_seeds: Sequence[int] = (1000, 1001),
+                   log=print) -> dict:
     """Measure one workload; returns a JSON-able dict (see the module docstring).
+
+    ``plan-F`` schedules are searched (:func:`bcc.search_schedule`) on the compiled model
+    at budget ``F`` of a cost model measured on it, scored on ``search_seeds`` (apart from
+    the seed the fidelity is measured on). ``fewer``: step counts of the plain model to
+    time and score beside (the trained workloads only).
 
     ``peers``: ``False``, ``"eager"``, ``"compiled"`` (eager and compiled) or ``"auto"``
     (compiled on the small trained models only: a peer's graph breaks make every setting
@@ -193,12 +202,17 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
                      "graphs": _graphs() - g0}
     log(f"   compile (first call): plain {comp['plain']['first_call_s']:.1f}s, bcc {comp['bcc']['first_call_s']:.1f}s")
     result["compile"] = comp
+    planned = [k for k in schedules if k.startswith("plan-")]
+    if planned:
+        _search(w, bcc_c, profile, planned, sched, result, repeats, search_seeds, log)
 
     def scheduled(model, s) -> _Variant:
         return _Variant(model, lambda: model.set_schedule(s))
 
     variants = {"plain": _Variant(plain_c)}
     variants.update({f"bcc[{k}]": scheduled(bcc_c, s) for k, s in sched.items()})
+    fewer_w = {k: w.at_steps(k) for k in fewer} if fewer and w.at_steps is not None else {}
+    variants.update({f"fewer[{k}]": _Variant(plain_c, run=fw.run) for k, fw in fewer_w.items()})
     if specialize:
         # One graph per distinct row, compiled at first use: time that separately.
         spec = bcc.compile(w.model, sched["all"], strategy="specialize")
@@ -224,7 +238,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     for key, variant in variants.items():
         fn = variant.prepare()
         with _PeakRss() as m:
-            w.run(fn)
+            (variant.run or w.run)(fn)
         mem[key] = {"peak_rss_delta_mb": (m.peak - m.base) / 2**20, "peak_rss_mb": m.peak / 2**20}
     result["cache_mb"] = bcc_c.bcc_stats()["cache_bytes"] / 2**20
     result["memory"] = mem
@@ -239,6 +253,13 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     _rows(result, costs, rest)
     if w.trained:
         result["fidelity"] = _fidelity(w, bcc_c, sched)
+    if fewer_w:
+        from bcc.tools.metrics import paired_report
+
+        ref = w.run(w.model)
+        result["fewer"] = {str(k): {"steps": k, "speedup": timed["plain"]["trajectory_s"] / timed[f"fewer[{k}]"]["trajectory_s"],
+                                    "compute_fraction": k / w.steps, **paired_report(fw.run(w.model), ref)}
+                           for k, fw in fewer_w.items()}
     if peers:
         from bcc.tools.bench.peers_bench import bench_peers, compare_with_bcc
 
@@ -247,6 +268,25 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
                                       eager=peers != "compiled-only", sweep=peer_sweep, log=log)
         result["peer_comparison"] = compare_with_bcc(result)
     return result
+
+
+def _search(w: Workload, bcc_c, profile, planned, sched: dict, result: dict, repeats: int, seeds, log) -> None:
+    """Search ``plan-F`` schedules on the compiled model, spending a measured cost model."""
+    t0 = time.perf_counter()
+    cost = bcc.CostModel.measure(bcc_c, w.run, profile, repeats=repeats)
+    result["cost_model"] = {"block_costs_s": list(cost.block_costs), "rest_cost_s": cost.rest_cost,
+                            **{k: v for k, v in cost.meta.items()}, "measure_s": time.perf_counter() - t0}
+    log(f"   cost model: rest {cost.rest_cost * 1e3:.1f} ms/step, blocks {sum(cost.block_costs) * 1e3:.1f} ms/step "
+        f"(fit within {cost.meta['fit_max_rel_error']:.1%} of the timed schedules)")
+    result["search"] = {}
+    for key in planned:
+        t0 = time.perf_counter()
+        found = bcc.search_schedule(bcc_c, lambda m, seed: w.run(m, seed=seed), profile, float(key.split("-")[1]),
+                                    cost=cost, seeds=tuple(seeds), progress=False)
+        sched[key] = found.schedule
+        result["search"][key] = {**found.to_dict(), "search_s": time.perf_counter() - t0}
+        log(f"   {key}: {found.chosen.family}, {found.chosen.psnr_db:.1f} dB on the search seeds, "
+            f"{len(found.tried)} schedules scored in {time.perf_counter() - t0:.0f}s")
 
 
 def _fidelity(w: Workload, bcc_model, sched) -> dict:
@@ -311,6 +351,8 @@ def main(argv=None) -> int:
                     "compiles them on the digits models only")
     ap.add_argument("--peer-sweep", choices=["full", "short"], default="full",
                     help="'short': two settings per peer (for the big configurations)")
+    ap.add_argument("--fewer", nargs="+", type=int, default=[],
+                    help="also time and score the plain model at these step counts (trained workloads)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="results/speed")
     ap.add_argument("--merge", action="store_true", help="keep OUT/speed.json's other workloads")
@@ -336,7 +378,7 @@ def main(argv=None) -> int:
             schedules += [k for k in DENSE if k not in schedules]
         r = bench_workload(w, schedules=schedules, repeats=args.repeats, eager=not args.no_eager,
                            specialize=args.specialize, peers=False if args.peers == "none" else args.peers,
-                           peer_sweep=args.peer_sweep, log=log)
+                           peer_sweep=args.peer_sweep, fewer=args.fewer, log=log)
         r.update(command=command, threads=args.threads, torch=torch.__version__)
         results[name] = r
         write_report(results, out)

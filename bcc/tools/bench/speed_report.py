@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report", "markdown"]
+__all__ = ["write_report", "markdown", "plot_frontier"]
 
 
 def _f(x, fmt=".2f", none="—"):
@@ -86,8 +86,27 @@ def _workload_md(r: dict) -> list[str]:
             cells += [_f(v and v["speedup"], ".2f") + ("x" if v else ""), _f(v and v["efficiency"])]
         fid = f" {r['fidelity'][k]['psnr_db']:.1f} |" if "fidelity" in r else ""
         lines.append(f"| bcc {k} | {s['compute_fraction']:.3f} | {s['ideal_speedup']:.2f}x | " + " | ".join(cells) + " |" + fid)
+    if r.get("fewer"):
+        lines += ["", "Fewer steps: the plain compiled model at fewer steps from the same noise, timed in the same "
+                  "alternation; paired against the plain model at the full step count.", "",
+                  "| steps | speedup | paired PSNR dB | SSIM |", "|---|---|---|---|"]
+        lines += [f"| {f['steps']} | {f['speedup']:.2f}x | {f['psnr_db']:.1f} | {f['ssim']:.3f} |"
+                  for f in sorted(r["fewer"].values(), key=lambda f: -f["steps"])]
+    if r.get("search"):
+        cm = r["cost_model"]
+        lines += ["", f"Searched schedules (`plan-F`, :func:`bcc.search_schedule`): budget F of a cost model measured "
+                  f"on the compiled model (rest {cm['rest_cost_s'] * 1e3:.1f} ms/step, blocks "
+                  f"{sum(cm['block_costs_s']) * 1e3:.1f} ms/step; the fit is within "
+                  f"{cm['fit_max_rel_error']:.1%} of the five timed schedules), scored on seeds apart from the "
+                  "fidelity seed.", "",
+                  "| schedule | family chosen | fraction of measured cost | PSNR dB on the search seeds | scored |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['chosen']['family']} | {v['chosen']['fraction']:.3f} | {v['chosen']['psnr_db']:.1f} "
+                  f"| {len(v['tried'])} |" for k, v in r["search"].items()]
     if r.get("peers"):
         lines += ["", *_peers_md(r)]
+    if "fidelity" in r:
+        lines += ["", f"![speed vs paired PSNR]({_frontier_name(r)})"]
     lines.append("")
     return lines
 
@@ -175,8 +194,58 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _frontier_name(r: dict) -> str:
+    return "frontier_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in r["workload"]) + ".png"
+
+
+# bcc's schedule kinds, as the frontier plot groups them.
+_KINDS = (("plan-", "bcc planner (search_schedule)", "o-"), ("auto-", "bcc per-block Eq. 7 (paper)", "s--"),
+          ("step-", "bcc step-level Eq. 7", "D--"), ("every-", "bcc every-N", "v:"))
+
+
+def plot_frontier(r: dict[str, Any], path: Path) -> None:
+    """Measured speedup against paired PSNR for one trained workload: bcc's schedules by
+    kind, fewer steps and each peer (compiled over plain compiled; eager peers over plain
+    eager, hollow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    fid = r["fidelity"]
+    for prefix, label, style in _KINDS:
+        pts = sorted((s["compiled"]["speedup"], fid[k]["psnr_db"]) for k, s in r["schedules"].items()
+                     if k.startswith(prefix) and "compiled" in s and k in fid)
+        if pts:
+            ax.plot(*zip(*pts), style, label=label, ms=6)
+    if r.get("fewer"):
+        pts = sorted((f["speedup"], f["psnr_db"]) for f in r["fewer"].values())
+        ax.plot(*zip(*pts), "k^-", label="fewer steps (plain compiled)", ms=6)
+    rows = [row for row in (r.get("peers") or {}).get("rows", []) if row.get("psnr_db") is not None]
+    cmap = plt.get_cmap("tab10")
+    for i, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
+        mine = [row for row in rows if row["method"] == method and row["psnr_db"] < 99]
+        for key, mfc, how in (("compiled_speedup", None, "compiled"), ("eager_speedup", "none", "eager")):
+            pts = sorted((row[key], row["psnr_db"]) for row in mine if row.get(key))
+            if pts:
+                ax.plot(*zip(*pts), "x" if mfc is None else "P", color=cmap((i + 4) % 10), mfc=mfc, ms=8,
+                        ls=":", label=f"{method} ({how})")
+    ax.set_xlabel("measured speedup vs the plain model (same backend)")
+    ax.set_ylabel("paired PSNR vs the plain model, dB")
+    ax.set_title(f"{r['workload']}: speed vs fidelity", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     out = Path(out)
     (out / "speed.json").write_text(json.dumps({"workloads": results}, indent=1, default=str))
     (out / "speed.md").write_text(markdown(results))
     plot(results, out / "speed.png")
+    for r in results.values():
+        if "fidelity" in r:
+            plot_frontier(r, out / _frontier_name(r))

@@ -39,6 +39,8 @@ class Workload:
         trained: True for the shipped models, whose paired fidelity means something.
         describe: one line for the results (config, latent, batch).
         scheduler: the sampling scheduler the loop uses (peers that look up the step need it).
+        at_steps: ``at_steps(k)`` -> the same model and noise in a ``k``-step loop (the
+            fewer-steps baseline); None where fidelity means nothing (random weights).
     """
 
     name: str
@@ -50,6 +52,7 @@ class Workload:
     trained: bool
     describe: str
     scheduler: Any = None
+    at_steps: Callable[[int], "Workload"] | None = None
 
 
 def _ddim(steps: int):
@@ -90,10 +93,11 @@ def _zoo(name: str, latent: int, batch: int, steps: int, family: str, blocks: An
     return Workload(name, model, run, family, blocks, steps, False, describe, sched)
 
 
-def _digits(arch: str, steps: int, n: int) -> Workload:
+def _digits(arch: str, steps: int, n: int, loaded: tuple | None = None) -> Workload:
     from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler, sample
 
-    model, conditioner, train_sched = load_digits_model(default_model_dir(arch))
+    loaded = loaded or load_digits_model(default_model_dir(arch))
+    model, conditioner, train_sched = loaded
     sched = make_scheduler("ddim", train_sched)
     labels = torch.arange(n) % 10
 
@@ -104,7 +108,8 @@ def _digits(arch: str, steps: int, n: int) -> Workload:
 
     blocks = UNET_BLOCKS if arch == "unet" else "attention"
     return Workload(f"digits-{arch}", model, run, arch, blocks, steps, True,
-                    f"shipped bcc-digits {arch}, 16x16, {n} labels with guidance (batch {2 * n}), DDIM-{steps}", sched)
+                    f"shipped bcc-digits {arch}, 16x16, {n} labels with guidance (batch {2 * n}), DDIM-{steps}", sched,
+                    at_steps=lambda k: _digits(arch, k, n, loaded))
 
 
 @dataclass(frozen=True)
