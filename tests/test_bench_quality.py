@@ -1,4 +1,5 @@
 """The quality benchmark's resume contract: an interrupted run continues where it stopped."""
+import pytest
 import torch
 
 from bcc.tools.bench import quality
@@ -15,6 +16,7 @@ def _count(monkeypatch, calls, owner, name, key):
     monkeypatch.setattr(owner, name, counting)
 
 
+@pytest.mark.slow  # a whole (tiny) quality run twice: ~60 s each
 def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     calls = {"generate": 0, "time": 0, "calibrate": 0}
 
@@ -44,6 +46,7 @@ def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch)
     assert state.get("timing") is None and not list(kept.glob("*.pt")) and state.file("schedule.json") is None
 
 
+@pytest.mark.slow  # a whole (tiny) quality run twice: ~60 s each
 def test_new_scale_shift_parameters_redo_only_the_scale_shift_row(tmp_path, monkeypatch):
     calls = {"generate": 0, "time": [], "train": 0}
 

@@ -16,14 +16,27 @@ from bcc.tools.bench.workloads import build_workload
 @pytest.fixture(scope="module")
 def result():
     w = build_workload("pixart", steps=4)
-    return bench_workload(w, schedules=("all", "every-2"), repeats=1, eager=True, eager_schedules=("every-2",),
-                          specialize=True, log=lambda msg: None)
+    return bench_workload(w, schedules=("all", "every-2", "plan-0.7"), repeats=1, eager=True,
+                          eager_schedules=("every-2",), specialize=4, search_seeds=(7,), log=lambda msg: None)
 
 
 def test_one_graph_serves_every_schedule(result):
     assert result["compile"]["bcc"]["graphs"] == 1
     assert result["graphs_during_timing"] == 0
-    assert result["compile"]["specialize"]["graphs"] == 2  # rows: all True, all False
+    assert result["compile"]["specialize"]["graphs"] >= 2  # rows: all True, all False, the plan's
+
+
+def test_planned_schedule_is_searched_within_its_measured_budget_or_said_unreachable(result):
+    """On this tiny model what runs outside the blocks may cost more than 30% of a step, so
+    the budget may be out of reach on a given machine: then the run says so and goes on."""
+    found = result["search"]["plan-0.7"]
+    assert len(result["cost_model"]["block_costs_s"]) == len(result["blocks"])
+    if "unreachable" in found:
+        assert "BCC503" in found["unreachable"] and "plan-0.7" not in result["schedules"]
+        return
+    assert found["budget"] == 0.7 and found["cost_source"] == "measured"
+    assert found["chosen"]["fraction"] <= 0.7 and len(found["tried"]) >= 2
+    assert result["schedules"]["plan-0.7"]["compiled"]["speedup"] > 0
 
 
 def test_ideal_follows_the_flops(result):
@@ -46,6 +59,18 @@ def test_report_files(result, tmp_path):
     assert "Gate overhead" in md and "| bcc every-2 |" in md
     assert json.loads((tmp_path / "speed.json").read_text())["workloads"]["pixart"]["steps"] == 4
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+    assert "| plan-0.7 |" in md  # the search table (a row either way)
+
+
+def test_frontier_plot_of_a_trained_workload(result, tmp_path):
+    from bcc.tools.bench.speed_report import plot_frontier
+
+    r = json.loads(json.dumps(result, default=str))
+    r["fidelity"] = {k: {"psnr_db": 30.0 + i} for i, k in enumerate(r["schedules"])}
+    r["fewer"] = {"3": {"steps": 3, "speedup": 1.3, "psnr_db": 33.0, "ssim": 0.9}}
+    r["peers"] = {"rows": [{"method": "fbc", "label": "FBC t=0.1", "psnr_db": 31.0, "eager_speedup": 1.2}]}
+    plot_frontier(r, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 10_000
 
 
 def test_recost_recomputes_fractions_and_keeps_timings(result, tmp_path):

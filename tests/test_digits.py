@@ -73,8 +73,8 @@ def test_committed_scale_shift_beats_naive_caching_on_the_shipped_unet():
     scheduler = make_ddim_scheduler(train_scheduler)
     schedule = bcc.Schedule.load(results / "unet_ddim20_schedule.json")
     ss = bcc.ScaleShift.load(results / "unet_ddim20_scale_shift.safetensors")
-    labels = torch.arange(200) % 10
-    noise = torch.randn(200, 1, 16, 16, generator=torch.Generator().manual_seed(77))
+    labels = torch.arange(100) % 10
+    noise = torch.randn(100, 1, 16, 16, generator=torch.Generator().manual_seed(77))
 
     def run(model):
         return sample(model, conditioner, scheduler, labels, num_steps=schedule.num_steps, guidance_scale=3.0,

@@ -187,7 +187,8 @@ def test_freeu_enabled_after_compiling_is_followed(name):
 
 
 # -- inductor: a representative subset, within 1e-5, and one graph per input signature -------
-@pytest.mark.parametrize("flow", ["sd_steps_and_img2img", "flux_true_cfg", "sd3_skip_layer_guidance"])
+@pytest.mark.parametrize("flow", ["sd_steps_and_img2img", pytest.param("flux_true_cfg", marks=pytest.mark.slow),
+                                  pytest.param("sd3_skip_layer_guidance", marks=pytest.mark.slow)])
 def test_inductor_matches_the_reference_with_one_graph_per_signature(flow):
     counter = CompileCounterWithBackend("inductor")
     name = {"sd_steps_and_img2img": "sd", "flux_true_cfg": "flux", "sd3_skip_layer_guidance": "sd3"}[flow]

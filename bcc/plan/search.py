@@ -11,12 +11,13 @@ where FLOPs mislead). Candidates come from schedule families:
 * ``"block"``: Eq. 7 per block (the paper's);
 * ``"step"``: Eq. 7 on one FLOP-weighted curve, all blocks refreshed together;
 * ``"nested"``: the ``k`` blocks whose change costs least per second saved are refreshed
-  together at ``m`` steps placed at equal quantiles of their accumulated change, the
-  others run at every step (``k`` = all blocks is a step-level schedule; a UNet's inner
+  together at ``m`` steps, placed at equal quantiles of their accumulated change or by
+  Eq. 7 on their mean curve, the others run at every step (``k`` = all blocks is a step-level schedule; a UNet's inner
   blocks cached and its outer ones computed is DeepCache's shape);
 
-and the best one with refresh steps is refined by moving one refresh step at a time to
-a neighbouring step (same cost) while the score improves.
+and the best one whose cached blocks share their refresh steps (step-level and nested
+ones) is refined by moving one refresh step at a time to a neighbouring step (same cost)
+while the score improves.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 from bcc._io import freeze
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.cost import CostModel
+from bcc.plan.planner import plan_from_change
 from bcc.plan.profile import ChangeProfile
 from bcc.plan.schedule import Schedule
 
@@ -47,8 +49,9 @@ class Candidate:
         schedule: the schedule.
         fraction: its cost as a fraction of the all-compute cost (the cost model's unit).
         psnr_db: mean paired PSNR of its final samples against the all-compute ones.
-        recipe: for nested and refined candidates, ``{"cached": [block index...],
-            "refresh": [step...]}``; empty otherwise.
+        recipe: where every reused block refreshes at the same steps (step-level, nested and
+            refined candidates), ``{"cached": [block index...], "refresh": [step...]}``;
+            empty otherwise.
     """
 
     family: str
@@ -248,7 +251,8 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
         score = _Scorer(denoiser, run, profile.block_names, T, seeds, data_range, bar)
 
         def add(family: str, mask: torch.Tensor, recipe: Mapping[str, Any] | None = None) -> Candidate:
-            c = Candidate(family, Schedule(mask, profile.block_names), cost.fraction(mask), score(mask), recipe or {})
+            recipe = recipe or _recipe(mask)
+            c = Candidate(family, Schedule(mask, profile.block_names), cost.fraction(mask), score(mask), recipe)
             tried.append(c)
             return c
 
@@ -264,19 +268,25 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
             for cached, refresh in _nested_recipes(profile, cost, budget):
                 add(f"nested-{len(cached)}", _nested_mask(T, K, cached, refresh),
                     {"cached": list(cached), "refresh": list(refresh)})
-        nested = [c for c in tried if c.recipe and c.fraction <= budget + 1e-9]
-        if nested and sweeps > 0:
-            _refine(max(nested, key=lambda c: c.psnr_db), add, T, K, sweeps)
+        # Any candidate whose cached blocks share their refresh steps (step-level ones too)
+        # can be refined; the best of them is.
+        shared = [c for c in tried if c.recipe and c.fraction <= budget + 1e-9]
+        if shared and sweeps > 0:
+            _refine(max(shared, key=lambda c: c.psnr_db), add, T, K, sweeps)
     finally:
         bar.close()
         if before is not None:
             denoiser.set_schedule(before)
     fits = [c for c in tried if c.fraction <= budget + 1e-9]
     if not fits:
+        floor = torch.zeros(T, K, dtype=torch.bool)
+        floor[0] = True
         raise BccError(ErrorCode.BUDGET_UNREACHABLE,
                        f"no schedule of the families {tuple(families)} costs at most {budget:.3f} of the "
-                       f"all-compute cost with this cost model (the cheapest tried costs "
-                       f"{min((c.fraction for c in tried), default=float('nan')):.3f}); raise the budget.")
+                       f"all-compute cost with this {cost.source} cost model: even reusing every block after "
+                       f"step 0 costs {cost.fraction(floor):.3f} (what runs outside the blocks costs "
+                       f"{cost.rest_cost / (cost.rest_cost + sum(cost.block_costs)):.0%} of a step). Raise the "
+                       "budget, or cache more of the model.")
     best = max(fits, key=lambda c: (c.psnr_db, -c.fraction))
     meta = {"search": {"family": best.family, "psnr_db": best.psnr_db, "budget": float(budget),
                        "fraction": best.fraction, "cost_source": cost.source, "seeds": list(seeds),
@@ -285,6 +295,18 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
                                              rest_cost=cost.rest_cost, meta=meta),
                        best.fraction, best.psnr_db, best.recipe)
     return SearchResult(chosen, tuple(tried), float(budget), cost, tuple(seeds))
+
+
+def _recipe(mask: torch.Tensor) -> dict:
+    """``{"cached", "refresh"}`` when every block that is ever reused refreshes at the same
+    steps (a step-level or nested schedule), else ``{}``."""
+    cached = [i for i in range(mask.shape[1]) if not bool(mask[:, i].all())]
+    if not cached:
+        return {}
+    refresh = [s for s in range(mask.shape[0]) if bool(mask[s, cached].all())]
+    if not torch.equal(mask, _nested_mask(mask.shape[0], mask.shape[1], cached, refresh)):
+        return {}
+    return {"cached": cached, "refresh": refresh}
 
 
 def _nested_recipes(profile: ChangeProfile, cost: CostModel, budget: float) -> list[tuple[list[int], list[int]]]:
@@ -308,7 +330,23 @@ def _nested_recipes(profile: ChangeProfile, cost: CostModel, budget: float) -> l
         w = c[cached] / inside
         curve = (l1[:, cached] * w).sum(1)
         out.append((cached, refresh_steps(curve, m)))
+        eq7 = _eq7_steps(curve, m)
+        if eq7 != out[-1][1]:
+            out.append((cached, eq7))
     return out
+
+
+def _eq7_steps(curve: torch.Tensor, m: int) -> list[int]:
+    """At most ``m`` refresh steps by Eq. 7 on one curve: the smallest δ that needs no more."""
+    one = ChangeProfile(curve[:, None], ["x"])
+    lo, hi = 0.0, float(curve.sum()) + 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if int(plan_from_change(one, mid).mask.sum()) <= m:
+            hi = mid
+        else:
+            lo = mid
+    return [s for s, v in enumerate(plan_from_change(one, hi).mask[:, 0].tolist()) if v]
 
 
 def _refine(start: Candidate, add: Callable[..., Candidate], T: int, K: int, sweeps: int) -> None:

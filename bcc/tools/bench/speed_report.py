@@ -102,7 +102,8 @@ def _workload_md(r: dict) -> list[str]:
                   "| schedule | family chosen | fraction of measured cost | PSNR dB on the search seeds | scored |",
                   "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['chosen']['family']} | {v['chosen']['fraction']:.3f} | {v['chosen']['psnr_db']:.1f} "
-                  f"| {len(v['tried'])} |" for k, v in r["search"].items()]
+                  f"| {len(v['tried'])} |" if "chosen" in v else f"| {k} | unreachable: {v['unreachable']} | | | |"
+                  for k, v in r["search"].items()]
     if r.get("peers"):
         lines += ["", *_peers_md(r)]
     if "fidelity" in r:

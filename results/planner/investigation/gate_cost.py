@@ -1,7 +1,12 @@
-"""All-True gate cost on the shipped digits models: plain compiled vs bcc (branch and
-specialize strategies, residual and output mode), alternating, medians and per-repeat ratios.
+"""All-True gate cost on the shipped digits models, measured call by call.
 
-    python results/planner/investigation/gate_cost.py --workload digits-unet --repeats 9
+Whole trajectories on this 2-core machine vary by ±20-40% from one repeat to the next,
+more than the effect measured, so the denoiser calls of one recorded trajectory are
+replayed instead: for every call, plain compiled and each bcc variant (branch and
+specialize strategies, residual and output mode) run back to back on the same inputs,
+and the overhead is the median over all calls of each variant's time / plain's time.
+
+    python results/planner/investigation/gate_cost.py --workload digits-unet --trajectories 15
 """
 import argparse
 import json
@@ -16,36 +21,49 @@ from bcc.tools.bench.workloads import build_workload
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--workload", default="digits-unet")
-ap.add_argument("--repeats", type=int, default=9)
+ap.add_argument("--trajectories", type=int, default=15)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--out", default=None, help="write the medians and ratios as JSON here")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 w = build_workload(args.workload, steps=20, n=20)
+calls = []
+
+
+class Recorder(torch.nn.Module):
+    def forward(self, *a, **k):
+        calls.append((a, k))
+        return w.model(*a, **k)
+
+
+w.run(Recorder())
 plain = torch.compile(w.model, fullgraph=True, dynamic=False, options=dict(DEFAULT_INDUCTOR_OPTIONS))
 variants = {"plain": plain}
-every = lambda n: bcc.Schedule(torch.ones(20, len(n), dtype=torch.bool), n)  # noqa: E731
+every = lambda n: bcc.Schedule(torch.ones(len(calls), len(n), dtype=torch.bool), n)  # noqa: E731
 for strategy in ("branch", "specialize"):
     for mode in ("residual", "output"):
         variants[f"{strategy}/{mode}"] = bcc.compile(w.model, every, blocks=w.blocks, mode=mode, strategy=strategy)
-for v in variants.values():  # compile outside the timing
-    w.run(v)
-times = {k: [] for k in variants}
-for r in range(args.repeats):
-    for k, v in variants.items():
-        t0 = time.perf_counter()
-        w.run(v)
-        times[k].append(time.perf_counter() - t0)
-base = statistics.median(times["plain"])
+with torch.no_grad():
+    for v in variants.values():  # compile outside the timing
+        for a, k in calls:
+            v(*a, **k)
+    times = {k: [] for k in variants}
+    for _ in range(args.trajectories):
+        for a, k in calls:
+            for name, v in variants.items():
+                t0 = time.perf_counter()
+                v(*a, **k)
+                times[name].append(time.perf_counter() - t0)
 report = {}
-for k, ts in times.items():
-    ratios = [t / p - 1 for t, p in zip(ts, times["plain"])]
-    report[k] = {"median_s": statistics.median(ts), "vs_plain": statistics.median(ts) / base - 1,
-                 "median_of_ratios": statistics.median(ratios), "ratios": ratios}
-    print(k, f"median {statistics.median(ts):.3f}s", f"vs plain {statistics.median(ts) / base - 1:+.1%}",
-          f"median of per-repeat ratios {statistics.median(ratios):+.1%}", "repeats",
-          [f"{x:+.1%}" for x in ratios], flush=True)
+for name, ts in times.items():
+    ratios = [t / p for t, p in zip(ts, times["plain"])]
+    q = statistics.quantiles(ratios, n=4)
+    report[name] = {"median_call_s": statistics.median(ts), "median_ratio": statistics.median(ratios),
+                    "ratio_quartiles": [q[0], q[2]], "calls": len(ts)}
+    print(f"{name:22s} median call {statistics.median(ts) * 1e3:7.2f} ms   vs plain, median of per-call ratios "
+          f"{statistics.median(ratios) - 1:+.1%} (quartiles {q[0] - 1:+.1%} .. {q[2] - 1:+.1%}, {len(ts)} calls)",
+          flush=True)
 if args.out:
     with open(args.out, "w") as f:
-        json.dump({"workload": w.describe, "threads": args.threads, "repeats": args.repeats, "variants": report}, f,
-                  indent=1)
+        json.dump({"workload": w.describe, "threads": args.threads, "trajectories": args.trajectories,
+                   "variants": report}, f, indent=1)
