@@ -206,8 +206,8 @@ _KINDS = (("plan-", "bcc planner (search_schedule)", "o-"), ("auto-", "bcc per-b
 
 def plot_frontier(r: dict[str, Any], path: Path) -> None:
     """Measured speedup against paired PSNR for one trained workload: bcc's schedules by
-    kind, fewer steps and each peer (compiled over plain compiled; eager peers over plain
-    eager, hollow)."""
+    kind (branch strategy filled, specialize hollow), fewer steps and each peer (compiled
+    over plain compiled; eager over plain eager)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,16 +215,17 @@ def plot_frontier(r: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     fid = r["fidelity"]
-    for prefix, label, style in _KINDS:
-        pts = sorted((s["compiled"]["speedup"], fid[k]["psnr_db"]) for k, s in r["schedules"].items()
-                     if k.startswith(prefix) and "compiled" in s and k in fid)
-        if pts:
-            ax.plot(*zip(*pts), style, label=label, ms=6)
+    cmap = plt.get_cmap("tab10")
+    for i, (prefix, label, style) in enumerate(_KINDS):
+        for backend, how, mfc in (("compiled", "", None), ("specialize", ", specialize", "none")):
+            pts = sorted((s[backend]["speedup"], fid[k]["psnr_db"]) for k, s in r["schedules"].items()
+                         if k.startswith(prefix) and backend in s and k in fid)
+            if pts:
+                ax.plot(*zip(*pts), style, color=cmap(i), mfc=mfc, label=label + how, ms=6)
     if r.get("fewer"):
         pts = sorted((f["speedup"], f["psnr_db"]) for f in r["fewer"].values())
         ax.plot(*zip(*pts), "k^-", label="fewer steps (plain compiled)", ms=6)
     rows = [row for row in (r.get("peers") or {}).get("rows", []) if row.get("psnr_db") is not None]
-    cmap = plt.get_cmap("tab10")
     for i, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
         mine = [row for row in rows if row["method"] == method and row["psnr_db"] < 99]
         for key, mfc, how in (("compiled_speedup", None, "compiled"), ("eager_speedup", "none", "eager")):
