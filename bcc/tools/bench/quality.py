@@ -3,7 +3,9 @@
 For each solver and step count T: the uncached baseline at T steps; the baseline at
 fewer steps T' with the same *measured* cost as caching; and naive caching with the
 automatic schedule (Eq. 7 at a compute budget); and caching with scale-shift
-trained by distillation for that schedule (``bcc.train_scale_shift``). Each row: FD-digits against the 5,000
+trained by distillation for that schedule (``bcc.train_scale_shift``); and the schedule
+``bcc.search_schedule`` finds at the same budget of measured time (``planned``: scored on
+seeds apart from the evaluation ones; the fewer-steps row then matches its measured speed). Each row: FD-digits against the 5,000
 real digits (mean ± sd over seeds; NOT Inception FID), class accuracy, precision /
 recall, paired PSNR / SSIM / label flips against the baseline from the same noise,
 measured speedup (compiled models, alternating runs, medians) and the predicted
@@ -55,7 +57,8 @@ def _time(models: dict, run, labels, repeats):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss")
+ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss", "planned")
+SEARCH_SEEDS = (1000, 1001)  # the searched row is scored on these, apart from the evaluation seeds
 
 
 class _Resume:
@@ -144,14 +147,18 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         blocks = "attention"  # every transformer block: nearly all of a DiT's FLOPs
     scheduler = make_scheduler(solver, train_sched)
     run_t = _sampler(model, conditioner, scheduler, steps, guidance)
+    def calibrated():
+        log(f"== {arch} {solver}-{steps}: calibrating")
+        return bcc.calibrate(model, lambda m, label, seed: run_t(m, [label] * 4, seed), list(range(10)),
+                             seeds=[100, 101], scheduler=scheduler, guidance_scale=guidance, blocks=blocks,
+                             progress=False)
+
+    profile = None
     if res.file("schedule.json") and res.file("step_schedule.json"):
         log(f"== {arch} {solver}-{steps}: resuming from {res.dir}")
         schedule, step_schedule = (bcc.Schedule.load(res.file(f)) for f in ("schedule.json", "step_schedule.json"))
     else:
-        log(f"== {arch} {solver}-{steps}: calibrating")
-        profile = bcc.calibrate(model, lambda m, label, seed: run_t(m, [label] * 4, seed), list(range(10)),
-                                seeds=[100, 101], scheduler=scheduler, guidance_scale=guidance, blocks=blocks,
-                                progress=False)
+        profile = calibrated()
         schedule = bcc.Schedule.for_budget(profile, budget)
         step_schedule = bcc.Schedule.for_budget(profile, budget, granularity="step")
         if res.dir is not None:
@@ -175,6 +182,9 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         step_schedule.save(out_dir / f"{arch}_{solver}{steps}_step_schedule.json")
         timed["bcc_step"] = bcc.compile(model, step_schedule)
         eager["cached_step"] = bcc.compile(model, step_schedule, backend="eager")
+    if "planned" in rows:
+        timed["bcc_plan"], eager["planned"] = _planned(res, result, model, profile or calibrated(), run_t, budget,
+                                                       chunk, repeats, log, out_dir / f"{arch}_{solver}{steps}")
     if "cached_ss" in rows:
         if res.file("scale_shift.safetensors") and res.get("scale_shift"):
             ss = bcc.ScaleShift.load(res.file("scale_shift.safetensors"))
@@ -247,20 +257,47 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     return result
 
 
+def _planned(res, result, model, profile, run_t, budget, chunk, repeats, log, stem):
+    """The searched row: :func:`bcc.search_schedule` at the budget of a cost model measured
+    on the compiled model, scored on :data:`SEARCH_SEEDS`; the compiled and eager models."""
+    fast = bcc.compile(model, bcc.Schedule.all_compute(profile.num_steps, profile.block_names))
+    if res.file("planned_schedule.json") and res.get("search"):
+        planned = bcc.Schedule.load(res.file("planned_schedule.json"))
+        result["search"] = dict(res.get("search"))
+    else:
+        labels = list(range(10)) * 2
+        run_t(fast, labels, 0)  # compile outside the cost model's timing
+        cost = bcc.CostModel.measure(fast, lambda m: run_t(m, labels, 0), profile, repeats=repeats)
+        log(f"   searching a schedule at {budget} of the measured cost (fit within "
+            f"{cost.meta['fit_max_rel_error']:.1%})")
+        found = bcc.search_schedule(fast, lambda m, seed: _generate(run_t, m, labels, seed, chunk), profile, budget,
+                                    cost=cost, seeds=SEARCH_SEEDS, progress=False)
+        planned = found.schedule
+        result["search"] = {**found.to_dict(), "cost_fit_max_rel_error": cost.meta["fit_max_rel_error"]}
+        if res.dir is not None:
+            planned.save(res.keep("planned_schedule.json"))
+            res.put("search", result["search"])
+    planned.save(f"{stem}_planned_schedule.json")
+    fast.set_schedule(planned)
+    result["compute_fraction_planned"] = planned.compute_fraction(profile.block_flops, profile.rest_flops)
+    return fast, bcc.compile(model, planned, backend="eager")
+
+
 def _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log, sampler_at) -> dict:
     """Median trajectory times of the compiled models and the fewer-steps baseline
     whose step count matches the measured speedup of caching."""
     speed_labels = list(range(10)) * 2
     med = _time(timed, run_t, speed_labels, repeats)
     out = {"median_seconds": dict(med), "speedup": {}}
-    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss")):
+    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss"), ("bcc_plan", "planned")):
         if key in med:
             out["speedup"][name] = med["plain"] / med[key]
     if "bcc_ss" in med and "bcc" in med:
         out["overhead"] = med["bcc_ss"] / med["bcc"] - 1
     if "fewer" in rows:
-        # Fewer steps at the measured cost of caching (the per-block schedule's, when measured).
-        measured = out["speedup"].get("cached") or out["speedup"].get("cached_step")
+        # Fewer steps at the measured cost of caching: the searched schedule's when measured,
+        # else the per-block one's, else the step-level one's.
+        measured = out["speedup"].get("planned") or out["speedup"].get("cached") or out["speedup"].get("cached_step")
         fewer = max(1, round(steps / measured))
         log(f"   measured {measured:.2f}x -> fewer-steps baseline at {fewer} steps")
         run_f = sampler_at(fewer)
@@ -301,7 +338,7 @@ def _write_report(out_dir: Path, report: dict) -> str:
     return md
 
 
-_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer"}
+_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer", "planned": "bcc_plan"}
 
 
 def _only_rows(new: dict, rows, source: str, note: str | None) -> dict:
@@ -417,7 +454,9 @@ def markdown(results, floor, commands, threads=None):
                 ("cached (per-block schedule)", "cached", r["steps"], sp.get("cached"), r.get("compute_fraction")),
                 ("cached (step-level schedule)", "cached_step", r["steps"], sp.get("cached_step"),
                  r.get("compute_fraction_step")),
-                ("cached + scale-shift (per-block)", "cached_ss", r["steps"], sp.get("cached_ss"), r.get("compute_fraction"))):
+                ("cached + scale-shift (per-block)", "cached_ss", r["steps"], sp.get("cached_ss"), r.get("compute_fraction")),
+                ("cached (searched schedule)", "planned", r["steps"], sp.get("planned"),
+                 r.get("compute_fraction_planned"))):
             if key not in r["rows"]:
                 continue
             rs = r["rows"][key]
@@ -442,6 +481,12 @@ def markdown(results, floor, commands, threads=None):
         if "threshold_step" in r:
             lines.append(f"  Step-level schedule (all blocks refresh together): threshold {r['threshold_step']:.3f}, "
                          f"ideal speedup {r['ideal_speedup_step']:.2f}x.")
+        if "search" in r:
+            ch = r["search"]["chosen"]
+            lines.append(f"  Searched schedule (`bcc.search_schedule`): {ch['family']}, {ch['fraction']:.3f} of the "
+                         f"measured cost (fit within {r['search'].get('cost_fit_max_rel_error', float('nan')):.1%}), "
+                         f"{ch['psnr_db']:.1f} dB on search seeds {r['search']['seeds']} "
+                         f"({len(r['search']['tried'])} schedules scored).")
         t = r.get("scale_shift")
         if not t:
             continue

@@ -206,8 +206,9 @@ _KINDS = (("plan-", "bcc planner (search_schedule)", "o-"), ("auto-", "bcc per-b
 
 def plot_frontier(r: dict[str, Any], path: Path) -> None:
     """Measured speedup against paired PSNR for one trained workload: bcc's schedules by
-    kind (branch strategy filled, specialize hollow), fewer steps and each peer (compiled
-    over plain compiled; eager over plain eager)."""
+    kind (branch strategy filled, specialize hollow), fewer steps and each peer, compiled
+    and eager, every speedup over the plain compiled model (an eager peer's is scaled by
+    plain compiled / plain eager time where both were timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,14 +227,20 @@ def plot_frontier(r: dict[str, Any], path: Path) -> None:
         pts = sorted((f["speedup"], f["psnr_db"]) for f in r["fewer"].values())
         ax.plot(*zip(*pts), "k^-", label="fewer steps (plain compiled)", ms=6)
     rows = [row for row in (r.get("peers") or {}).get("rows", []) if row.get("psnr_db") is not None]
+    # An eager peer's time per trajectory against the plain *compiled* model, as in the
+    # peer comparison: its speedup over plain eager times plain compiled / plain eager.
+    plain_c = r.get("compiled", {}).get("plain", {}).get("trajectory_s")
+    plain_e = r.get("eager", {}).get("plain", {}).get("trajectory_s")
+    to_compiled = plain_c / plain_e if plain_c and plain_e else None
     for i, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
         mine = [row for row in rows if row["method"] == method and row["psnr_db"] < 99]
-        for key, mfc, how in (("compiled_speedup", None, "compiled"), ("eager_speedup", "none", "eager")):
-            pts = sorted((row[key], row["psnr_db"]) for row in mine if row.get(key))
+        for key, marker, how, scale in (("compiled_speedup", "x", "compiled", 1.0),
+                                        ("eager_speedup", "P", "eager", to_compiled)):
+            pts = [(row[key] * scale, row["psnr_db"]) for row in mine if row.get(key) and scale]
             if pts:
-                ax.plot(*zip(*pts), "x" if mfc is None else "P", color=cmap((i + 4) % 10), mfc=mfc, ms=8,
-                        ls=":", label=f"{method} ({how})")
-    ax.set_xlabel("measured speedup vs the plain model (same backend)")
+                ax.plot(*zip(*pts), marker, color=cmap((i + 5) % 10), mfc="none" if how == "eager" else None, ms=8,
+                        ls="none", label=f"{method} ({how})")
+    ax.set_xlabel("measured speedup vs the plain compiled model (time per trajectory)")
     ax.set_ylabel("paired PSNR vs the plain model, dB")
     ax.set_title(f"{r['workload']}: speed vs fidelity", fontsize=10)
     ax.grid(alpha=0.3)
