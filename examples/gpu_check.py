@@ -38,7 +38,7 @@ bcc itself needs no install: from a checkout the script puts the repository on
 ``sys.path`` and maps ``passes/`` to ``bcc.passes`` (what ``pip install .`` does). The
 machine's own torch is used. A CPU dry run of every section::
 
-    python examples/gpu_check.py --device cpu --tiny --out /tmp/gpu_dry
+    python examples/gpu_check.py --device cpu --tiny --out results/tmp/gpu_dry
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -143,12 +143,12 @@ class CostModel:
             rest, alpha, beta = float(coef2[0]), float(coef2[1]), 0.0
         rest, alpha = max(rest, 0.0), max(alpha, 0.0)
         costs = tuple(float(alpha * f + beta) for f in flops)
-        model = cls(profile.block_names, costs, rest, "measured",
-                    {"median_seconds": med, "repeats": repeats, "alpha_s_per_flop": alpha, "beta_s_per_block": beta})
-        fit = {k: model.fraction(m) * (T * (sum(costs) + rest)) for k, m in masks.items()}
+        total = T * (sum(costs) + rest)
+        fit = {k: compute_fraction(m, costs, rest) * total for k, m in masks.items()}
         worst = max(abs(fit[k] - med[k]) / med[k] for k in med)
-        return cls(model.block_names, costs, rest, "measured", {**model.meta, "fit_max_rel_error": worst,
-                                                                "fit_seconds": fit})
+        return cls(profile.block_names, costs, rest, "measured",
+                   {"median_seconds": med, "repeats": repeats, "alpha_s_per_flop": alpha, "beta_s_per_block": beta,
+                    "fit_max_rel_error": worst, "fit_seconds": fit})
 
     def with_profile(self, profile: ChangeProfile) -> ChangeProfile:
         """``profile`` with these costs in place of its FLOPs, so the Eq. 7 planners

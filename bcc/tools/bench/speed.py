@@ -275,7 +275,7 @@ def _search(w: Workload, bcc_c, profile, planned, sched: dict, result: dict, rep
     t0 = time.perf_counter()
     cost = bcc.CostModel.measure(bcc_c, w.run, profile, repeats=repeats)
     result["cost_model"] = {"block_costs_s": list(cost.block_costs), "rest_cost_s": cost.rest_cost,
-                            **{k: v for k, v in cost.meta.items()}, "measure_s": time.perf_counter() - t0}
+                            **cost.meta, "measure_s": time.perf_counter() - t0}
     log(f"   cost model: rest {cost.rest_cost * 1e3:.1f} ms/step, blocks {sum(cost.block_costs) * 1e3:.1f} ms/step "
         f"(fit within {cost.meta['fit_max_rel_error']:.1%} of the timed schedules)")
     result["search"] = {}
