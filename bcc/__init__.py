@@ -7,6 +7,7 @@ budget=0.6))`` does it for a whole diffusers pipeline, whose scheduler then says
 step of every denoiser call, at any step count.
 """
 from bcc.api import compile, find_blocks
+from bcc.analyze.regions import region, unet_branch
 from bcc.lower.backend import _register as _register_backend
 from bcc.plan.calibrate_pipeline import calibrate
 from bcc.plan.budget import Plan
@@ -31,6 +32,8 @@ __all__ = [
     "calibrate",
     "ChangeProfile",
     "find_blocks",
+    "region",
+    "unet_branch",
     "BccConfig",
     "BccError",
     "BccInternalError",

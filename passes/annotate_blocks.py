@@ -5,6 +5,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions
+from bcc.analyze.regions import span_names
 from bcc.errors import BccError, ErrorCode
 
 META = "bcc_block"
@@ -39,14 +40,15 @@ class AnnotateBlocksPass(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.names is not None:
-            wanted = set(self.names)
+            regions, paths = span_names(self.names)
+            wanted = set(paths)
             try:
-                blocks = find_block_regions(gm, lambda path, cls: path in wanted)
+                blocks = find_block_regions(gm, lambda path, cls: path in wanted, regions=regions)
             except BccError as e:
                 if e.code is not ErrorCode.NO_BLOCKS:
                     raise
                 blocks = []  # none of the names is here: reported below with the names
-            missing = wanted - {b.name for b in blocks}
+            missing = set(self.names) - {b.name for b in blocks}
             if missing:
                 raise BccError(
                     ErrorCode.BLOCK_NOT_FOUND,

@@ -14,12 +14,14 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from bcc.analyze.regions import find_region, is_region
 from bcc.capture.graph import LATENT
 from bcc.errors import BccError, ErrorCode
 
 __all__ = ["Block", "BlockSelector", "find_block_regions", "module_calls", "ATTENTION"]
 
 ATTENTION = "attention"
+REGION = "region"  # the class_name of a multi-module region's Block
 
 # ATen ops that mark a module as attention. Softmax covers implementations that do
 # not call SDPA (e.g. diffusers' AttnProcessor).
@@ -39,17 +41,21 @@ BlockSelector = str | type | Sequence[str | type] | Callable[[str, str], bool]
 
 @dataclass(frozen=True)
 class Block:
-    """One cacheable region of the graph: the nodes of one call of one module.
+    """One cacheable region of the graph: the nodes of one call of one module, or of a
+    multi-module region (:mod:`bcc.analyze.regions`).
 
     Attributes:
         name: the module path, e.g. ``"down_blocks.1.attentions.0"``.
         class_name: qualified class name of the module.
         nodes: the region's nodes in graph order, including parameters used only here.
+        members: for a multi-module region (``"start..end"``), the outermost modules wholly
+            inside it; empty for a module.
     """
 
     name: str
     class_name: str
     nodes: tuple[fx.Node, ...]
+    members: tuple[str, ...] = ()
 
 
 @dataclass
@@ -158,7 +164,8 @@ def _matcher(selector: BlockSelector, calls: dict[str, _ModuleCall]) -> Callable
     return match
 
 
-def find_block_regions(gm: fx.GraphModule, selector: BlockSelector = ATTENTION) -> list[Block]:
+def find_block_regions(gm: fx.GraphModule, selector: BlockSelector = ATTENTION,
+                       regions: Sequence[str] = ()) -> list[Block]:
     """The regions of ``gm`` that ``selector`` picks, in execution order.
 
     ``selector`` is ``"attention"`` (the default set), a module-path glob such as
@@ -166,6 +173,9 @@ def find_block_regions(gm: fx.GraphModule, selector: BlockSelector = ATTENTION) 
     predicate ``(path, class_name) -> bool``. Nested matches resolve to the
     outermost module. Every region is checked to be convex (no path leaves it and
     comes back), so it can be computed or skipped as a unit.
+
+    Names ``"start..end"`` in the selector list (or in ``regions``) are multi-module
+    regions (:mod:`bcc.analyze.regions`); a matched module inside one is part of it.
 
     Example:
         >>> from bcc.capture.graph import capture
@@ -179,14 +189,26 @@ def find_block_regions(gm: fx.GraphModule, selector: BlockSelector = ATTENTION) 
         ['a', 'b']
     """
     calls = module_calls(gm)
-    match = _matcher(selector, calls)
+    selector, regions = _split_regions(selector, regions)
+    spans = [find_region(gm, name, calls) for name in regions]
+    inside = {n: s.name for s in spans for n in s.nodes}
+    if len(inside) < sum(len(s.nodes) for s in spans):
+        raise BccError(ErrorCode.BLOCK_NOT_REGION,
+                       f"regions {[s.name for s in spans]} overlap; a node can be cached by one block only.")
+    match = _matcher(selector, calls) if selector is not None else (lambda path, cls: False)
     chosen: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         for _key, path, cls in _stack(node):
             if match(path, cls):
                 chosen.setdefault(path, []).append(node)
                 break
-    if not chosen:
+    for path in [p for p, nodes in chosen.items() if any(n in inside for n in nodes)]:
+        if not all(n in inside for n in chosen[path]):
+            raise BccError(ErrorCode.BLOCK_NOT_REGION,
+                           f"block {path!r} lies partly inside region {inside[next(n for n in chosen[path] if n in inside)]!r}; "
+                           "select blocks wholly inside or outside the regions.")
+        del chosen[path]  # wholly inside a region: the region caches it
+    if not chosen and not spans:
         raise BccError(
             ErrorCode.NO_BLOCKS,
             f"no module of {type(gm).__name__.removeprefix('Captured') or 'the model'} matches "
@@ -206,7 +228,21 @@ def find_block_regions(gm: fx.GraphModule, selector: BlockSelector = ATTENTION) 
         region = _with_private_params(nodes)
         _check_convex(graph, path, region)
         blocks.append(Block(path, calls[path].class_name, tuple(n for n in gm.graph.nodes if n in region)))
-    return blocks
+    blocks += [Block(s.name, REGION, tuple(n for n in gm.graph.nodes if n in s.nodes), s.members) for s in spans]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(blocks, key=lambda b: min(order[n] for n in b.nodes if n.op != "get_attr"))
+
+
+def _split_regions(selector: BlockSelector, regions: Sequence[str]) -> tuple[BlockSelector | None, list[str]]:
+    """The selector without its region names, and all region names (selector's and ``regions``)."""
+    regions = list(regions)
+    if isinstance(selector, str) and is_region(selector):
+        return None, regions + [selector]
+    if isinstance(selector, (list, tuple)):
+        regions += [s for s in selector if isinstance(s, str) and is_region(s)]
+        rest = [s for s in selector if not (isinstance(s, str) and is_region(s))]
+        return (rest or None), regions
+    return selector, regions
 
 
 def _with_private_params(nodes: Iterable[fx.Node]) -> set[fx.Node]:

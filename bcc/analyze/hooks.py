@@ -13,7 +13,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from bcc.analyze.regions import exit_module
 from bcc.analyze.slots import CacheSlot
+from bcc.errors import BccError, ErrorCode
 
 __all__ = ["CacheEntry", "cache_entry", "patch_forwards"]
 
@@ -78,22 +80,29 @@ def cache_entry(out: Any, inputs: list[torch.Tensor], slots: Sequence[CacheSlot 
 
 
 def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable) -> Callable[[], None]:
-    """Set each named module's ``forward`` to ``wrap(name, index, forward)``; returns the undo.
+    """Set each named block's ``forward`` to ``wrap(name, index, forward)``; returns the undo.
 
+    A region's forward is its end module's (:func:`bcc.analyze.regions.exit_module`):
+    replacing that output on a reuse step is skipping the region, since nothing else in it
+    is read after it (the modules between still run eagerly, on values nobody reads).
     An instance attribute shadows the class's ``forward``, so undoing deletes it again
     (or puts back an instance attribute that was there before).
     """
     modules = dict(model.named_modules())
     originals = {}
     for i, name in enumerate(names):
-        originals[name] = modules[name].__dict__.get("forward")
-        modules[name].forward = wrap(name, i, modules[name].forward)
+        path = exit_module(name)
+        if path not in modules:
+            raise BccError(ErrorCode.BLOCK_NOT_FOUND,
+                           f"block {name!r}: the model has no module {path!r}; list its blocks with bcc.find_blocks.")
+        originals[path] = modules[path].__dict__.get("forward")
+        modules[path].forward = wrap(name, i, modules[path].forward)
 
     def restore() -> None:
-        for name, original in originals.items():
+        for path, original in originals.items():
             if original is None:
-                del modules[name].forward
+                del modules[path].forward
             else:
-                modules[name].forward = original
+                modules[path].forward = original
 
     return restore

@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bcc.capture.signature import signature_of
 from bcc.errors import BccWarning
+from bcc.analyze.regions import cache_mode
 from bcc.analyze.slots import CacheSlot
 
 __all__ = ["Value", "TensorMeta", "OpRecord", "Dataflow", "Residual", "decide_residuals", "fx_dataflow",
@@ -378,8 +379,8 @@ def decide_residuals(flow: Dataflow, *, block: str = "block", mode: str = "resid
         if meta is None:
             decisions.append(Residual(j, None, None, "not a tensor"))
             continue
-        if mode == "output":
-            decisions.append(Residual(j, None, None, "output mode"))
+        if cache_mode(block, mode) == "output":
+            decisions.append(Residual(j, None, None, "output mode" if mode == "output" else "a region"))
             continue
         walker = _Walker(flow, producers, index)
         if not walker.run(key):
@@ -556,7 +557,7 @@ class BlockResiduals:
         slots = self._slots.get(key)
         if slots is not None:
             return forward(*args, **kwargs), slots, inputs
-        if self.mode == "output":  # nothing to decide: every output is cached whole
+        if cache_mode(name, self.mode) == "output":  # nothing to decide: every output is cached whole
             out = forward(*args, **kwargs)
             bases = [(None, None)] * len(pytree.tree_leaves(out))
         else:

@@ -22,13 +22,25 @@ from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import ChangeProfile, model_fingerprint, scheduler_info
 from bcc.analyze.hooks import patch_forwards
+from bcc.analyze.regions import is_region
 
-__all__ = ["calibrate", "block_flops"]
+__all__ = ["calibrate", "block_flops", "region_members"]
+
+
+def region_members(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """For each region among ``names``, the outermost modules wholly inside it (one capture
+    of ``model`` with these inputs; none without regions)."""
+    regions = [n for n in names if is_region(n)]
+    if not regions:
+        return {}
+    blocks = find_block_regions(capture(model, args, kwargs).gm, regions)
+    return {b.name: b.members for b in blocks}
 
 
 def block_flops(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequence[str]) -> tuple[list[float], float]:
     """FLOPs per call of each named block and of the rest of the model, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` on one forward.
+    ``torch.utils.flop_counter.FlopCounterMode`` on one forward. A region's
+    (``"start..end"``) are its member modules' (found on the captured graph).
 
     Attention runs on the math SDPA kernel while counting: the counter has no formula
     for the fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would
@@ -52,7 +64,9 @@ def block_flops(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequen
         model(*args, **kwargs)
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    per_block = [float(sum(counts.get(f"{root}.{n}", {}).values())) for n in names]
+    members = region_members(model, args, kwargs, names)
+    per_block = [float(sum(sum(counts.get(f"{root}.{m}", {}).values()) for m in members.get(n, (n,))))
+                 for n in names]
     total = float(sum(counts.get("Global", {}).values()))
     return per_block, max(total - sum(per_block), 0.0)
 
@@ -207,7 +221,8 @@ def _resolve_blocks(model, sample, first_run, example_inputs, blocks):
     if example_inputs is None:
         example_inputs = _first_call(model, sample, first_run)
     args, kwargs = example_inputs
-    if isinstance(blocks, (list, tuple)) and blocks and all(isinstance(b, str) and not any(c in b for c in "*?[") for b in blocks):
+    if (isinstance(blocks, (list, tuple)) and blocks and not any(is_region(b) for b in blocks)
+            and all(isinstance(b, str) and not any(c in b for c in "*?[") for b in blocks)):
         names = list(blocks)
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
