@@ -32,7 +32,8 @@ def find_blocks(
         example_inputs: ``(args, kwargs)`` as ``torch.export.export`` takes them.
         blocks: ``"attention"`` (default: each spatial transformer of a UNet, each
             per-layer transformer block of a DiT), module-path globs, classes, or a
-            predicate ``(path, class_name) -> bool``.
+            predicate ``(path, class_name) -> bool``; in a list, ``"start..end"`` names
+            one region spanning several modules (:func:`bcc.region`, :func:`bcc.unet_branch`).
 
     Example:
         >>> class Net(torch.nn.Module):
@@ -79,7 +80,8 @@ def compile(  # noqa: A001 - the verb users expect, like torch.compile
     Args:
         model: the denoiser (e.g. ``pipe.unet`` or ``pipe.transformer``), or a pipeline.
         schedule: a :class:`Plan` (a profile and a budget: serves any step count), a
-            :class:`Schedule` (one step count; its block names select the blocks), or a
+            :class:`Schedule` (one step count; its block names select the blocks: module
+            paths, or ``"start..end"`` regions cached as one unit), or a
             function from the discovered block names to a Schedule (then ``blocks``
             selects them, default ``"attention"``). For a pipeline, also a mapping from
             denoiser attribute to one of those (Wan 2.2's two experts).

@@ -168,3 +168,42 @@ def test_bad_input_says_what_to_do(toy):
     with pytest.raises(BccError) as e:
         CostModel(("a",), (-1.0,), 0.0)
     assert e.value.code is ErrorCode.CALIBRATION_INVALID
+
+
+class Chain(torch.nn.Module):
+    """``b`` reads only ``a``: the region "a..b" is both, cached whole."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x, t):
+        return self.b(torch.tanh(self.a(x)) * t)
+
+
+def test_region_family_scores_the_region_on_its_own_model():
+    net, names = Chain().eval(), ["a", "b"]
+    with torch.no_grad():
+        profile = bcc.calibrate(net, lambda m, c, seed: sample(m, seed), [0], seeds=[50], blocks=names,
+                                progress=False)
+        fast = bcc.compile(net, Schedule.all_compute(T, names), backend="eager")
+        found = search_schedule(fast, sample, profile, 0.5, cost=CostModel(tuple(names), (1.0, 1.0), 0.0),
+                                families=("region",), seeds=[4], progress=False)
+        assert found.chosen.family.endswith("region a..b") and found.schedule.block_names == ("a..b",)
+        assert found.chosen.fraction <= 0.5 and found.chosen.psnr_db < 100.0
+        # It runs on a model compiled for the region, with the chosen schedule set; the
+        # caller's model keeps its schedule.
+        assert found.denoiser is not fast and found.denoiser.bcc_schedule == found.schedule
+        assert fast.bcc_schedule.block_names == ("a", "b") and fast.bcc_schedule.mask.all()
+        # Reusing the region is reusing b's whole output (a is read only by b): by hand.
+        got = by_hand(net, found.schedule.mask, ["b"], 4)
+        assert found.chosen.psnr_db == pytest.approx(psnr(got, sample(net, 4)), abs=1e-3)
+
+
+def test_a_region_the_graph_refuses_is_skipped(toy):
+    net, names, profile = toy  # `still` does not depend on `moving`: "moving..still" is no region
+    fast = bcc.compile(net, Schedule.all_compute(T, names), backend="eager")
+    with torch.no_grad():
+        found = search_schedule(fast, sample, profile, 0.7, seeds=[1], regions=["moving..still"], progress=False)
+    assert not any("region" in c.family for c in found.tried) and found.denoiser is fast

@@ -15,9 +15,16 @@ where FLOPs mislead). Candidates come from schedule families:
   Eq. 7 on their mean curve, the others run at every step (``k`` = all blocks is a step-level schedule; a UNet's inner
   blocks cached and its outer ones computed is DeepCache's shape);
 
-and the best one whose cached blocks share their refresh steps (step-level and nested
-ones) is refined by moving one refresh step at a time to a neighbouring step (same cost)
-while the score improves.
+* ``"region"``: a multi-module region (:mod:`bcc.analyze.regions`) refreshed at ``m`` steps
+  and cached whole, one gate for all it holds, the blocks outside it run at every step:
+  the span of all the profile's blocks, and on a UNet DeepCache's branches
+  (:func:`~bcc.analyze.regions.unet_branch`). Each region is compiled once
+  (:meth:`~bcc.BccModule.bcc_recompile`) and costed as the profile blocks inside it, an
+  upper bound: it also skips the code between them.
+
+and the best one whose cached blocks share their refresh steps (step-level, nested and
+region ones) is refined by moving one refresh step at a time to a neighbouring step (same
+cost) while the score improves.
 """
 from __future__ import annotations
 
@@ -28,15 +35,17 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from bcc._io import freeze
+from bcc.analyze.regions import region, split_region, unet_branch
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.cost import CostModel
 from bcc.plan.planner import plan_from_change
 from bcc.plan.profile import ChangeProfile
 from bcc.plan.schedule import Schedule
 
-__all__ = ["Candidate", "SearchResult", "search_schedule", "frontier", "refresh_steps", "FAMILIES"]
+__all__ = ["Candidate", "SearchResult", "search_schedule", "frontier", "refresh_steps", "propose_regions",
+           "FAMILIES"]
 
-FAMILIES = ("block", "step", "nested")
+FAMILIES = ("block", "step", "nested", "region")
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,16 @@ class Candidate:
     """One schedule the search scored.
 
     Attributes:
-        family: ``"block"``, ``"step"``, ``"nested-k"`` (``k`` blocks refreshed together) or
-            ``"refined"`` (a nested schedule after refresh-step moves).
-        schedule: the schedule.
+        family: ``"block"``, ``"step"``, ``"nested-k"`` (``k`` blocks refreshed together),
+            ``"region <name>"`` or ``"refined"`` / ``"refined region <name>"`` (after
+            refresh-step moves).
+        schedule: the schedule (a region candidate's names the region and the blocks
+            outside it).
         fraction: its cost as a fraction of the all-compute cost (the cost model's unit).
         psnr_db: mean paired PSNR of its final samples against the all-compute ones.
-        recipe: where every reused block refreshes at the same steps (step-level, nested and
-            refined candidates), ``{"cached": [block index...], "refresh": [step...]}``;
-            empty otherwise.
+        recipe: where every reused block refreshes at the same steps (step-level, nested,
+            region and refined candidates), ``{"cached": [profile block index...], "refresh":
+            [step...]}``; empty otherwise.
     """
 
     family: str
@@ -90,6 +101,9 @@ class SearchResult:
         budget: the budget, a fraction of the cost model's all-compute cost.
         cost: the cost model the budget was spent in.
         seeds: the seeds the scores were measured on.
+        denoiser: a compiled model the chosen schedule runs on: the one searched with
+            (its schedule as before the search; ``set_schedule(result.schedule)``), or for
+            a region the model compiled for it (the chosen schedule set).
     """
 
     chosen: Candidate
@@ -97,6 +111,7 @@ class SearchResult:
     budget: float
     cost: CostModel
     seeds: tuple[int, ...]
+    denoiser: Any = field(default=None, compare=False, repr=False)
 
     @property
     def schedule(self) -> Schedule:
@@ -157,14 +172,62 @@ def _nested_mask(T: int, K: int, cached: Sequence[int], refresh: Sequence[int]) 
     return mask
 
 
+@dataclass
+class _Lowering:
+    """How a profile-space mask runs as a region schedule: the region's column follows its
+    inside blocks (which share their refresh steps), the others their own."""
+
+    name: str
+    inside: list[int]
+    outside: list[int]
+    names: tuple[str, ...]
+    costs: list[float]
+    score: Any = None  # a _Scorer on the region's compiled model, made at first use
+
+    def mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mask[:, self.inside[:1]], mask[:, self.outside]], 1)
+
+
+def _inside(name: str, names: Sequence[str]) -> list[int] | None:
+    """The profile blocks a region holds, by execution order (the profile's): from the first
+    block under its start module to the last under its end; None if either has none."""
+    start, end = split_region(name)
+    under = lambda path, mod: path == mod or path.startswith(mod + ".")  # noqa: E731
+    first = next((i for i, n in enumerate(names) if under(n, start)), None)
+    last = max((i for i, n in enumerate(names) if under(n, end)), default=None)
+    if first is None or last is None or last < first:
+        return None
+    return list(range(first, last + 1))
+
+
+def propose_regions(denoiser: Any, names: Sequence[str]) -> list[str]:
+    """The regions the ``"region"`` family tries: the first to the last of ``names`` (the
+    profile's blocks, in execution order), and on a UNet each of DeepCache's branches.
+
+    Example:
+        >>> propose_regions(torch.nn.Linear(2, 2), ["layers.0", "layers.1"])
+        ['layers.0..layers.1']
+    """
+    out = [region(names[0], names[-1])] if len(names) > 1 else []
+    if all(hasattr(denoiser, a) for a in ("down_blocks", "mid_block", "up_blocks")):
+        for b in range(3 * len(denoiser.down_blocks)):
+            try:
+                out.append(unet_branch(denoiser, b))
+            except BccError:
+                continue
+    return list(dict.fromkeys(out))
+
+
 class _Scorer:
     """Final samples of a schedule against the all-compute ones, per seed."""
 
     def __init__(self, denoiser: Any, run: Callable[[Any, int], torch.Tensor], names: Sequence[str], T: int,
-                 seeds: Sequence[int], data_range: float | None, bar: Any):
+                 seeds: Sequence[int], data_range: float | None, bar: Any, ref: dict | None = None):
         self.denoiser, self.run, self.names, self.seeds, self.bar = denoiser, run, tuple(names), tuple(seeds), bar
-        denoiser.set_schedule(Schedule.all_compute(T, self.names))
-        self.ref = {s: run(denoiser, s).detach().float() for s in self.seeds}
+        if ref is None:
+            denoiser.set_schedule(Schedule.all_compute(T, self.names))
+            ref = {s: run(denoiser, s).detach().float() for s in self.seeds}
+        self.ref = ref
         self.range = data_range
         self.seen: dict[bytes, float] = {}
 
@@ -185,8 +248,8 @@ class _Scorer:
 
 def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], profile: ChangeProfile,
                     budget: float, *, cost: CostModel | None = None, seeds: Sequence[int] = (0,),
-                    families: Sequence[str] = FAMILIES, sweeps: int = 2, data_range: float | None = None,
-                    progress: bool = True) -> SearchResult:
+                    families: Sequence[str] = FAMILIES, regions: Sequence[str] | None = None, sweeps: int = 2,
+                    data_range: float | None = None, progress: bool = True) -> SearchResult:
     """The schedule with the best paired PSNR of final samples within ``budget``.
 
     Args:
@@ -200,13 +263,18 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
             measured time); FLOPs of the profile when None.
         seeds: the seeds every candidate is scored on (the score is their mean).
         families: which of :data:`FAMILIES` to start from.
+        regions: the region names (``"start..end"``) the ``"region"`` family tries;
+            :func:`propose_regions` when None. Each is compiled once (a region whose ends
+            hold no profile block, or that the graph refuses, is skipped).
         sweeps: rounds of refresh-step moves on the best nested candidate (0: none).
         data_range: the samples' value range for PSNR (2 for images in [-1, 1]); the
             reference batch's range when None.
         progress: a tqdm bar over scored candidates.
 
     Returns:
-        A :class:`SearchResult`; ``.schedule`` is the chosen one, with ``meta["search"]``.
+        A :class:`SearchResult`; ``.schedule`` is the chosen one, with ``meta["search"]``,
+        and ``.denoiser`` a model that runs it (a region schedule names other blocks than
+        ``denoiser``'s, so it runs on the model compiled for it).
 
     Example:
         >>> import bcc
@@ -247,10 +315,25 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
     tried: list[Candidate] = []
     try:
         score = _Scorer(denoiser, run, profile.block_names, T, seeds, data_range, bar)
+        via: dict[int, _Lowering] = {}  # id(candidate) -> its region
 
-        def add(family: str, mask: torch.Tensor, recipe: Mapping[str, Any] | None = None) -> Candidate:
+        def rank(c: Candidate) -> tuple:
+            # A region is costed as the blocks it holds, an upper bound (it also skips the
+            # code between them, behind one gate instead of many): it wins a tie.
+            return c.psnr_db, -c.fraction, id(c) in via
+
+        def add(family: str, mask: torch.Tensor, recipe: Mapping[str, Any] | None = None,
+                low: _Lowering | None = None) -> Candidate:
             recipe = recipe or _recipe(mask)
-            c = Candidate(family, Schedule(mask, profile.block_names), cost.fraction(mask), score(mask), recipe)
+            if low is None:
+                c = Candidate(family, Schedule(mask, profile.block_names), cost.fraction(mask), score(mask), recipe)
+            else:
+                if low.score is None:
+                    model = denoiser.bcc_recompile(Schedule.all_compute(T, low.names))
+                    low.score = _Scorer(model, run, low.names, T, seeds, data_range, bar, ref=score.ref)
+                rmask = low.mask(mask)
+                c = Candidate(family, Schedule(rmask, low.names), cost.fraction(mask), low.score(rmask), recipe)
+                via[id(c)] = low
             tried.append(c)
             return c
 
@@ -265,11 +348,25 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
             for cached, refresh in _nested_recipes(profile, cost, budget):
                 add(f"nested-{len(cached)}", _nested_mask(T, K, cached, refresh),
                     {"cached": list(cached), "refresh": list(refresh)})
+        if "region" in families:
+            for low in _lowerings(profile, cost, propose_regions(denoiser, profile.block_names)
+                                  if regions is None else regions):
+                for cached, refresh in _region_recipes(profile, cost, budget, low.inside):
+                    try:
+                        add(f"region {low.name}", _nested_mask(T, K, cached, refresh),
+                            {"cached": list(cached), "refresh": list(refresh)}, low)
+                    except BccError as e:  # the graph refuses this region: not a candidate
+                        if e.code not in (ErrorCode.BLOCK_NOT_REGION, ErrorCode.BLOCK_NOT_FOUND):
+                            raise
+                        break
         # Any candidate whose cached blocks share their refresh steps (step-level ones too)
         # can be refined; the best of them is.
         shared = [c for c in tried if c.recipe and c.fraction <= budget + 1e-9]
         if shared and sweeps > 0:
-            _refine(max(shared, key=lambda c: c.psnr_db), add, T, K, sweeps)
+            start = max(shared, key=rank)
+            low = via.get(id(start))
+            prefix = "refined" if low is None else f"refined region {low.name}"
+            _refine(start, lambda fam, mask, recipe: add(prefix, mask, recipe, low), T, K, sweeps)
     finally:
         bar.close()
         if before is not None:
@@ -284,14 +381,52 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
                        f"step 0 costs {cost.fraction(floor):.3f} (what runs outside the blocks costs "
                        f"{cost.rest_cost / (cost.rest_cost + sum(cost.block_costs)):.0%} of a step). Raise the "
                        "budget, or cache more of the model.")
-    best = max(fits, key=lambda c: (c.psnr_db, -c.fraction))
+    best = max(fits, key=rank)
     meta = {"search": {"family": best.family, "psnr_db": best.psnr_db, "budget": float(budget),
                        "fraction": best.fraction, "cost_source": cost.source, "seeds": list(seeds),
                        "tried": len(tried)}, "profile_fingerprint": profile.fingerprint}
-    chosen = Candidate(best.family, Schedule(best.schedule.mask, profile.block_names, block_costs=cost.block_costs,
+    low = via.get(id(best))
+    chosen = Candidate(best.family, Schedule(best.schedule.mask, best.schedule.block_names,
+                                             block_costs=cost.block_costs if low is None else low.costs,
                                              rest_cost=cost.rest_cost, meta=meta),
                        best.fraction, best.psnr_db, best.recipe)
-    return SearchResult(chosen, tuple(tried), float(budget), cost, tuple(seeds))
+    runner = denoiser if low is None else low.score.denoiser
+    if low is not None:
+        runner.set_schedule(chosen.schedule)
+    return SearchResult(chosen, tuple(tried), float(budget), cost, tuple(seeds), runner)
+
+
+def _lowerings(profile: ChangeProfile, cost: CostModel, regions: Sequence[str]) -> list[_Lowering]:
+    out = []
+    for name in regions:
+        inside = _inside(name, profile.block_names)
+        if inside is None:
+            continue
+        outside = [i for i in range(profile.num_blocks) if i not in inside]
+        costs = [sum(cost.block_costs[i] for i in inside)] + [cost.block_costs[i] for i in outside]
+        out.append(_Lowering(name, inside, outside, (name, *(profile.block_names[i] for i in outside)), costs))
+    return out
+
+
+def _region_recipes(profile: ChangeProfile, cost: CostModel, budget: float,
+                    inside: list[int]) -> list[tuple[list[int], list[int]]]:
+    """(cached = the region's blocks, refresh steps) at the budget: the most refreshes it
+    affords, placed by quantiles of its blocks' cost-weighted change or by Eq. 7 on it."""
+    T = profile.num_steps
+    c = torch.tensor(cost.block_costs, dtype=torch.float64)
+    total, held = float(c.sum()) + cost.rest_cost, float(c[inside].sum())
+    if held <= 0:
+        return []
+    m = math.floor((budget * total - (total - held)) / held * T + 1e-9)
+    if m < 1:
+        return []
+    m = min(m, T)
+    curve = (profile.l1_rel.double()[:, inside] * (c[inside] / held)).sum(1)
+    placed = [refresh_steps(curve, m)]
+    eq7 = _eq7_steps(curve, m)
+    if eq7 != placed[0]:
+        placed.append(eq7)
+    return [(inside, p) for p in placed]
 
 
 def _recipe(mask: torch.Tensor) -> dict:

@@ -300,6 +300,21 @@ class BccModule(torch.nn.Module):
         return {"signatures": len(self._bcc_entries), "graphs": graphs, "streams": len(state.streams),
                 "cache_bytes": state.cache_bytes, "step_counts": len(self._bcc_follow.schedules)}
 
+    def bcc_recompile(self, schedule: Schedule) -> "BccModule":
+        """A new model of the same original and config for ``schedule``, whose blocks may be
+        others (other modules, regions); it compiles at its first call. ``set_schedule``
+        only swaps schedules over the blocks compiled.
+
+        Example:
+            >>> import bcc, torch
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+            >>> m = bcc.compile(net, bcc.Schedule.every(2, 3, ["0"]), backend="eager")
+            >>> other = m.bcc_recompile(bcc.Schedule.every(2, 3, [bcc.region("0", "1")]))
+            >>> other.bcc_schedule.block_names
+            ('0..1',)
+        """
+        return BccModule(self._orig_mod, schedule, self._bcc_config)
+
     def set_schedule(self, schedule: Schedule, scale_shift: ScaleShift | None = None) -> None:
         """Swap the schedule without recompiling (same blocks and step count).
 

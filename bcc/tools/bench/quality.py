@@ -278,8 +278,14 @@ def _planned(res, result, model, profile, run_t, budget, chunk, repeats, log, st
             planned.save(res.keep("planned_schedule.json"))
             res.put("search", result["search"])
     planned.save(f"{stem}_planned_schedule.json")
+    flops = profile
+    if planned.block_names != profile.block_names:
+        # A region schedule: its own compiled model, and its FLOPs counted on its blocks.
+        fast = fast.bcc_recompile(planned)
+        flops = bcc.calibrate(model, lambda m, label, seed: run_t(m, [label], seed), [0], seeds=[0],
+                              blocks=list(planned.block_names), progress=False)
     fast.set_schedule(planned)
-    result["compute_fraction_planned"] = planned.compute_fraction(profile.block_flops, profile.rest_flops)
+    result["compute_fraction_planned"] = planned.compute_fraction(flops.block_flops, flops.rest_flops)
     return fast, bcc.compile(model, planned, backend="eager")
 
 

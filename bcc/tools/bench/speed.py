@@ -115,11 +115,13 @@ def schedules_for(w: Workload, names, profile) -> dict[str, bcc.Schedule]:
             s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]))
         elif key.startswith("step-"):
             s = bcc.Schedule.for_budget(profile, float(key.split("-")[1]), granularity="step")
-        elif key.startswith("plan-"):
-            continue  # searched on the compiled model (bench_workload)
+        elif key.startswith(("plan-", "region-")):
+            continue  # searched on the compiled model, or over other blocks (bench_workload)
         else:
             raise ValueError(f"unknown schedule {key!r}; use all, every-N, auto-F (per block), step-F "
-                             "(step-level: all blocks refresh together) or plan-F (searched at budget F)")
+                             "(step-level: all blocks refresh together), plan-F (searched at budget F), "
+                             "region-bB-N (DeepCache's branch B as one region, every N steps) or region-span-N "
+                             "(the first to the last block as one region)")
         out[key] = s
     return out
 
@@ -200,14 +202,15 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     log(f"   compile (first call): plain {comp['plain']['first_call_s']:.1f}s, bcc {comp['bcc']['first_call_s']:.1f}s")
     result["compile"] = comp
     planned = [k for k in schedules if k.startswith("plan-")]
-    if planned:
-        _search(w, bcc_c, profile, planned, sched, result, repeats, search_seeds, log)
+    searched = _search(w, bcc_c, profile, planned, sched, result, repeats, search_seeds, log) if planned else {}
 
     def scheduled(model, s) -> _Variant:
         return _Variant(model, lambda: model.set_schedule(s))
 
+    regions = {**_region_schedules(w, [k for k in schedules if k.startswith("region-")], profile, log), **searched}
     variants = {"plain": _Variant(plain_c)}
     variants.update({f"bcc[{k}]": scheduled(bcc_c, s) for k, s in sched.items()})
+    variants.update({f"bcc[{k}]": scheduled(r.model, r.schedule) for k, r in regions.items()})
     fewer_w = {k: w.at_steps(k) for k in fewer} if fewer and w.at_steps is not None else {}
     variants.update({f"fewer[{k}]": _Variant(plain_c, run=fw.run) for k, fw in fewer_w.items()})
     if specialize:
@@ -226,7 +229,8 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
         variants.update({f"spec[{k}]": scheduled(spec, s) for k, s in few.items()})
     g0 = _graphs()
     timed = _time_variants(w, variants, repeats, log)
-    result["graphs_during_timing"] = _graphs() - g0  # 0: every schedule reuses the one compiled graph
+    # 0: every schedule reuses its model's one graph (a region model compiles at its warm-up).
+    result["graphs_during_timing"] = _graphs() - g0 - len({id(r.model) for r in regions.values()})
     result["compiled"] = timed
     if eager:
         bcc_e = bcc.compile(w.model, sched["all"], backend="eager")
@@ -244,7 +248,9 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     result["memory"] = mem
     result["schedules"] = {k: {"threshold": s.meta.get("threshold"), "mask": s.mask.int().tolist()}
                            for k, s in sched.items()}
-    for k in sched:
+    result["schedules"].update({k: {"mask": r.schedule.mask.int().tolist(), "blocks": list(r.schedule.block_names),
+                                    "block_flops": r.costs, "rest_flops": r.rest} for k, r in regions.items()})
+    for k in result["schedules"]:
         for backend, t, key in (("compiled", result.get("compiled", {}), f"bcc[{k}]"),
                                 ("eager", result.get("eager", {}), f"bcc[{k}]"),
                                 ("specialize", result.get("compiled", {}), f"spec[{k}]")):
@@ -253,6 +259,7 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     _rows(result, costs, rest)
     if w.trained:
         result["fidelity"] = _fidelity(w, bcc_c, sched)
+        result["fidelity"].update({k: _fidelity(w, r.model, {k: r.schedule})[k] for k, r in regions.items()})
     if fewer_w:
         from bcc.tools.metrics import paired_report
 
@@ -270,8 +277,50 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     return result
 
 
-def _search(w: Workload, bcc_c, profile, planned, sched: dict, result: dict, repeats: int, seeds, log) -> None:
-    """Search ``plan-F`` schedules on the compiled model, spending a measured cost model."""
+@dataclass(frozen=True)
+class _RegionRun:
+    """A region schedule: its own compiled model (other blocks than the profile's) and FLOPs."""
+
+    model: Any
+    schedule: bcc.Schedule
+    costs: list
+    rest: float
+
+
+def _region_schedules(w: Workload, keys: Sequence[str], profile, log) -> dict[str, _RegionRun]:
+    """``region-bB-N``: DeepCache's branch ``B`` (:func:`bcc.unet_branch`) as one region, every
+    ``N`` steps; ``region-span-N``: the profile's first to last block as one region. One
+    compiled model per region serves its every-N schedules."""
+    out: dict[str, _RegionRun] = {}
+    models: dict[str, tuple] = {}
+    for key in keys:
+        _, which, n = key.split("-")
+        if which.startswith("b") and not hasattr(w.model, "down_blocks"):
+            log(f"   {key}: skipped (DeepCache's branches are a UNet's)")
+            continue
+        name = (bcc.unet_branch(w.model, int(which[1:])) if which.startswith("b")
+                else bcc.region(profile.block_names[0], profile.block_names[-1]))
+        s = bcc.Schedule.every(int(n), w.steps, [name])
+        if name not in models:
+            costs, rest = _region_flops(w, [name])
+            models[name] = (bcc.compile(w.model, s), costs, rest)
+            log(f"   region {name}: {costs[0] / (costs[0] + rest):.3f} of the FLOPs")
+        model, costs, rest = models[name]
+        out[key] = _RegionRun(model, s, costs, rest)
+    return out
+
+
+def _region_flops(w: Workload, names) -> tuple[list, float]:
+    """FLOPs of ``names`` (regions among them) on this workload, from one short calibration."""
+    p = bcc.calibrate(w.model, lambda m, cond, seed: w.run(m, seed=seed), [0], seeds=[100],
+                      blocks=list(names), scheduler=w.scheduler, progress=False)
+    return list(p.block_flops), p.rest_flops
+
+
+def _search(w: Workload, bcc_c, profile, planned, sched: dict, result: dict, repeats: int, seeds,
+            log) -> dict[str, _RegionRun]:
+    """Search ``plan-F`` schedules on the compiled model, spending a measured cost model; a
+    chosen region schedule comes back as a :class:`_RegionRun` (it runs on its own model)."""
     t0 = time.perf_counter()
     cost = bcc.CostModel.measure(bcc_c, w.run, profile, repeats=repeats)
     result["cost_model"] = {"block_costs_s": list(cost.block_costs), "rest_cost_s": cost.rest_cost,
@@ -279,6 +328,7 @@ def _search(w: Workload, bcc_c, profile, planned, sched: dict, result: dict, rep
     log(f"   cost model: rest {cost.rest_cost * 1e3:.1f} ms/step, blocks {sum(cost.block_costs) * 1e3:.1f} ms/step "
         f"(fit within {cost.meta['fit_max_rel_error']:.1%} of the timed schedules)")
     result["search"] = {}
+    regions: dict[str, _RegionRun] = {}
     for key in planned:
         t0 = time.perf_counter()
         try:
@@ -290,10 +340,14 @@ def _search(w: Workload, bcc_c, profile, planned, sched: dict, result: dict, rep
             result["search"][key] = {"unreachable": str(e)}
             log(f"   {key}: {e}")
             continue
-        sched[key] = found.schedule
+        if found.denoiser is bcc_c:
+            sched[key] = found.schedule
+        else:
+            regions[key] = _RegionRun(found.denoiser, found.schedule, *_region_flops(w, found.schedule.block_names))
         result["search"][key] = {**found.to_dict(), "search_s": time.perf_counter() - t0}
         log(f"   {key}: {found.chosen.family}, {found.chosen.psnr_db:.1f} dB on the search seeds, "
             f"{len(found.tried)} schedules scored in {time.perf_counter() - t0:.0f}s")
+    return regions
 
 
 def _fidelity(w: Workload, bcc_model, sched) -> dict:
@@ -311,8 +365,8 @@ def _fidelity(w: Workload, bcc_model, sched) -> dict:
 def _rows(result: dict, costs, rest) -> None:
     """(Re)compute each schedule's fraction, ideal, speedups and efficiencies from its mask."""
     for k, row in result["schedules"].items():
-        s = bcc.Schedule(torch.tensor(row["mask"], dtype=torch.bool), result["blocks"])
-        frac = s.compute_fraction(costs, rest)
+        s = bcc.Schedule(torch.tensor(row["mask"], dtype=torch.bool), row.get("blocks", result["blocks"]))
+        frac = s.compute_fraction(row.get("block_flops", costs), row.get("rest_flops", rest))
         row.update(compute_fraction=frac, ideal_speedup=1 / frac)
         for backend in ("compiled", "eager", "specialize"):
             if backend in row:

@@ -201,7 +201,9 @@ def _frontier_name(r: dict) -> str:
 
 # bcc's schedule kinds, as the frontier plot groups them.
 _KINDS = (("plan-", "bcc planner (search_schedule)", "o-"), ("auto-", "bcc per-block Eq. 7 (paper)", "s--"),
-          ("step-", "bcc step-level Eq. 7", "D--"), ("every-", "bcc every-N", "v:"))
+          ("step-", "bcc step-level Eq. 7", "D--"), ("every-", "bcc every-N", "v:"),
+          ("region-b", "bcc every-N, DeepCache's branch as one region", "*-"),
+          ("region-span", "bcc every-N, all blocks as one region", "h-"))
 
 
 def plot_frontier(r: dict[str, Any], path: Path) -> None:

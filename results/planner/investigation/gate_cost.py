@@ -18,12 +18,16 @@ import torch
 import bcc
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.tools.bench.workloads import build_workload
+from bcc.tools.digits import denoiser_arch
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--workload", default="digits-unet")
 ap.add_argument("--trajectories", type=int, default=15)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--out", default=None, help="write the medians and ratios as JSON here")
+ap.add_argument("--regions", action="store_true",
+                help="time the branch graph with regions instead of the strategy/mode grid: all blocks as one "
+                "region, and on a UNet DeepCache's branch 0 as one region beside the blocks outside it")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 w = build_workload(args.workload, steps=20, n=20)
@@ -31,6 +35,8 @@ calls = []
 
 
 class Recorder(torch.nn.Module):
+    digits_arch = denoiser_arch(w.model)  # how sample() calls it (the DiT takes the text second)
+
     def forward(self, *a, **k):
         calls.append((a, k))
         return w.model(*a, **k)
@@ -40,9 +46,19 @@ w.run(Recorder())
 plain = torch.compile(w.model, fullgraph=True, dynamic=False, options=dict(DEFAULT_INDUCTOR_OPTIONS))
 variants = {"plain": plain}
 every = lambda n: bcc.Schedule(torch.ones(len(calls), len(n), dtype=torch.bool), n)  # noqa: E731
-for strategy in ("branch", "specialize"):
-    for mode in ("residual", "output"):
-        variants[f"{strategy}/{mode}"] = bcc.compile(w.model, every, blocks=w.blocks, mode=mode, strategy=strategy)
+if args.regions:
+    names = bcc.find_blocks(w.model, calls[0], blocks=w.blocks)
+    variants["branch/blocks"] = bcc.compile(w.model, every(names))
+    variants["branch/span region"] = bcc.compile(w.model, every([bcc.region(names[0], names[-1])]))
+    if hasattr(w.model, "down_blocks"):
+        b0 = bcc.unet_branch(w.model, 0)
+        inside = bcc.find_blocks(w.model, calls[0], blocks=[*names, b0])  # b0 and the blocks outside it
+        variants["branch/DeepCache b0 region"] = bcc.compile(w.model, every(inside))
+else:
+    for strategy in ("branch", "specialize"):
+        for mode in ("residual", "output"):
+            variants[f"{strategy}/{mode}"] = bcc.compile(w.model, every, blocks=w.blocks, mode=mode,
+                                                         strategy=strategy)
 with torch.no_grad():
     for v in variants.values():  # compile outside the timing
         for a, k in calls:
