@@ -16,7 +16,7 @@ from bcc.tools.bench.workloads import build_workload
 @pytest.fixture(scope="module")
 def result():
     w = build_workload("pixart", steps=4)
-    return bench_workload(w, schedules=("all", "every-2", "plan-0.7"), repeats=1, eager=True,
+    return bench_workload(w, schedules=("all", "every-2", "plan-0.7", "region-span-2"), repeats=1, eager=True,
                           eager_schedules=("every-2",), specialize=4, search_seeds=(7,), log=lambda msg: None)
 
 
@@ -46,7 +46,8 @@ def test_ideal_follows_the_flops(result):
     want = (4 * rest + 2 * flops) / (4 * (rest + flops))  # every-2 over 4 steps computes blocks twice
     assert s["every-2"]["compute_fraction"] == pytest.approx(want)
     for row in s.values():
-        for backend in ("compiled", "specialize"):
+        # A region schedule runs on a model of its own (branch strategy only).
+        for backend in ("compiled",) if "blocks" in row else ("compiled", "specialize"):
             assert row[backend]["speedup"] > 0
             assert row[backend]["efficiency"] == pytest.approx(row[backend]["speedup"] * row["compute_fraction"])
     assert "eager" in s["every-2"] and "eager" not in s["all"]
@@ -89,3 +90,15 @@ def test_recost_recomputes_fractions_and_keeps_timings(result, tmp_path):
         assert row["compute_fraction"] == pytest.approx(result["schedules"][k]["compute_fraction"])
         assert row["compiled"]["speedup"] == pytest.approx(result["schedules"][k]["compiled"]["speedup"])
     assert "recosted" in again
+
+
+def test_region_rows_count_their_own_flops(result):
+    """The span of all blocks as one region, every 2 steps: blocks computed at 2 of 4 steps, its
+    FLOPs (the blocks' and the code between them) counted on its own blocks."""
+    row = result["schedules"]["region-span-2"]
+    assert row["blocks"] == [f"{result['blocks'][0]}..{result['blocks'][-1]}"]
+    held, rest = row["block_flops"][0], row["rest_flops"]
+    assert held >= sum(result["block_flops"]) * 0.999 and held + rest == pytest.approx(
+        sum(result["block_flops"]) + result["rest_flops"])
+    assert row["compute_fraction"] == pytest.approx((4 * rest + 2 * held) / (4 * (rest + held)))
+    assert row["compiled"]["speedup"] > 0
