@@ -24,7 +24,7 @@ import torch.fx as fx
 from bcc.errors import BccError, ErrorCode
 
 __all__ = ["SEP", "region", "split_region", "is_region", "cache_mode", "exit_module", "unet_branch",
-           "RegionSpan"]
+           "RegionSpan", "find_region", "span_names"]
 
 SEP = ".."
 
