@@ -37,10 +37,11 @@ def region_members(model: torch.nn.Module, args: tuple, kwargs: dict, names: Seq
     return {b.name: b.members for b in blocks}
 
 
-def block_flops(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequence[str]) -> tuple[list[float], float]:
+def block_flops(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequence[str],
+                members: dict[str, tuple[str, ...]] | None = None) -> tuple[list[float], float]:
     """FLOPs per call of each named block and of the rest of the model, counted by
     ``torch.utils.flop_counter.FlopCounterMode`` on one forward. A region's
-    (``"start..end"``) are its member modules' (found on the captured graph).
+    (``"start..end"``) are its member modules' (``members``, or found on a capture).
 
     Attention runs on the math SDPA kernel while counting: the counter has no formula
     for the fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would
@@ -64,7 +65,7 @@ def block_flops(model: torch.nn.Module, args: tuple, kwargs: dict, names: Sequen
         model(*args, **kwargs)
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    members = region_members(model, args, kwargs, names)
+    members = region_members(model, args, kwargs, names) if members is None else members
     per_block = [float(sum(sum(counts.get(f"{root}.{m}", {}).values()) for m in members.get(n, (n,))))
                  for n in names]
     total = float(sum(counts.get("Global", {}).values()))
@@ -228,9 +229,11 @@ def _resolve_blocks(model, sample, first_run, example_inputs, blocks):
         missing = [n for n in names if n not in modules]
         if missing:
             raise BccError(ErrorCode.BLOCK_NOT_FOUND, f"model has no module(s) {missing}; list blocks with bcc.find_blocks.")
+        members = {}
     else:
-        names = [b.name for b in find_block_regions(capture(model, args, kwargs).gm, blocks)]
-    flops, rest = block_flops(model, args, kwargs, names)
+        found = find_block_regions(capture(model, args, kwargs).gm, blocks)
+        names, members = [b.name for b in found], {b.name: b.members for b in found if b.members}
+    flops, rest = block_flops(model, args, kwargs, names, members)  # the graph is captured once
     return names, flops, rest
 
 

@@ -410,23 +410,30 @@ def _lowerings(profile: ChangeProfile, cost: CostModel, regions: Sequence[str]) 
 
 def _region_recipes(profile: ChangeProfile, cost: CostModel, budget: float,
                     inside: list[int]) -> list[tuple[list[int], list[int]]]:
-    """(cached = the region's blocks, refresh steps) at the budget: the most refreshes it
-    affords, placed by quantiles of its blocks' cost-weighted change or by Eq. 7 on it."""
+    """(cached = the region's blocks, refresh steps) at the budget (see :func:`_shared_recipes`)."""
+    return _shared_recipes(profile, cost, budget, sorted(inside))
+
+
+def _shared_recipes(profile: ChangeProfile, cost: CostModel, budget: float,
+                    cached: list[int]) -> list[tuple[list[int], list[int]]]:
+    """(cached, refresh steps) with ``cached`` refreshed together at the most steps the budget
+    affords, placed by quantiles of their cost-weighted change and by Eq. 7 on it (one
+    recipe when both place them alike; none when not even one refresh fits)."""
     T = profile.num_steps
     c = torch.tensor(cost.block_costs, dtype=torch.float64)
-    total, held = float(c.sum()) + cost.rest_cost, float(c[inside].sum())
+    total, held = float(c.sum()) + cost.rest_cost, float(c[cached].sum())
     if held <= 0:
         return []
     m = math.floor((budget * total - (total - held)) / held * T + 1e-9)
     if m < 1:
         return []
     m = min(m, T)
-    curve = (profile.l1_rel.double()[:, inside] * (c[inside] / held)).sum(1)
+    curve = (profile.l1_rel.double()[:, cached] * (c[cached] / held)).sum(1)
     placed = [refresh_steps(curve, m)]
     eq7 = _eq7_steps(curve, m)
     if eq7 != placed[0]:
         placed.append(eq7)
-    return [(inside, p) for p in placed]
+    return [(cached, p) for p in placed]
 
 
 def _recipe(mask: torch.Tensor) -> dict:
@@ -443,28 +450,13 @@ def _recipe(mask: torch.Tensor) -> dict:
 
 def _nested_recipes(profile: ChangeProfile, cost: CostModel, budget: float) -> list[tuple[list[int], list[int]]]:
     """(cached blocks, refresh steps) at the budget for a few sizes of the cached set."""
-    T, K = profile.num_steps, profile.num_blocks
+    K = profile.num_blocks
     c = torch.tensor(cost.block_costs, dtype=torch.float64)
-    l1 = profile.l1_rel.double()
     # Change per unit of cost saved: the blocks whose reuse errs least for the time it saves first.
-    rank = torch.argsort(l1.sum(0) / c.clamp_min(1e-30)).tolist()
-    total = float(c.sum()) + cost.rest_cost
+    rank = torch.argsort(profile.l1_rel.double().sum(0) / c.clamp_min(1e-30)).tolist()
     out = []
     for k in sorted({K, math.ceil(3 * K / 4), math.ceil(K / 2), math.ceil(K / 4)}, reverse=True):
-        cached = sorted(rank[:k])
-        inside = float(c[cached].sum())
-        if inside <= 0:
-            continue
-        m = math.floor((budget * total - (total - inside)) / inside * T + 1e-9)
-        if m < 1:
-            continue
-        m = min(m, T)
-        w = c[cached] / inside
-        curve = (l1[:, cached] * w).sum(1)
-        out.append((cached, refresh_steps(curve, m)))
-        eq7 = _eq7_steps(curve, m)
-        if eq7 != out[-1][1]:
-            out.append((cached, eq7))
+        out += _shared_recipes(profile, cost, budget, sorted(rank[:k]))
     return out
 
 
