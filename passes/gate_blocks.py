@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from bcc.analyze.blocks import in_module
+from bcc.analyze.regions import split_region
 from bcc.analyze.residual import decide_residuals, fx_dataflow
 from bcc.errors import BccInternalError
 from bcc.analyze.slots import CacheSlot, batch_broadcast_shape
@@ -61,6 +63,12 @@ def _slots(name: str, node: fx.Node, sub: fx.GraphModule, mode: str, weights: se
     # lifted to a graph input for export) reach it as operands, but they are not block
     # inputs to the rule: an eager call of the block does not pass them.
     constants = {k for k, a in enumerate(node.args) if a.op == "get_attr" or a in weights}
+    ends = split_region(name)
+    if ends is not None:
+        # A region's output can only be a residual of what its start reads (the rule's
+        # module doc): every other input is a constant to the rule, as in the eager recording.
+        places = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        constants |= {k for k, ph in enumerate(places) if not any(in_module(u, ends[0]) for u in ph.users)}
     slots = []
     for d, out in zip(decide_residuals(fx_dataflow(sub, constants), block=name, mode=mode), outs):
         v = _val(out)

@@ -12,7 +12,8 @@ from torch import nn
 
 import bcc
 from bcc import Schedule
-from bcc.analyze.residual import BlockResiduals, decide_residuals, record_call
+from bcc.analyze.recording import BlockResiduals, record_call
+from bcc.analyze.residual import decide_residuals
 from bcc.errors import BccWarning
 from bcc.runtime.reference import HookReference
 

@@ -18,7 +18,7 @@ from bcc.analyze.regions import find_region, is_region
 from bcc.capture.graph import LATENT
 from bcc.errors import BccError, ErrorCode
 
-__all__ = ["Block", "BlockSelector", "find_block_regions", "module_calls", "ATTENTION"]
+__all__ = ["Block", "BlockSelector", "find_block_regions", "module_calls", "in_module", "ATTENTION"]
 
 ATTENTION = "attention"
 REGION = "region"  # the class_name of a multi-module region's Block
@@ -85,6 +85,11 @@ def _stack(node: fx.Node) -> list[tuple[str, str, str]]:
         cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
         out.append((key, _clean_path(path), cls_name))
     return out
+
+
+def in_module(node: fx.Node, path: str) -> bool:
+    """Whether ``node`` was computed by module ``path`` (or one inside it)."""
+    return any(p == path for _key, p, _cls in _stack(node))
 
 
 def _clean_path(path: str) -> str:

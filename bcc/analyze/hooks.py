@@ -56,7 +56,7 @@ class CacheEntry:
 def cache_entry(out: Any, inputs: list[torch.Tensor], slots: Sequence[CacheSlot | None],
                 detach: bool = True) -> CacheEntry:
     """The :class:`CacheEntry` of a recomputed call with output ``out``; ``slots`` come from
-    :meth:`bcc.analyze.residual.BlockResiduals.call` (their bases index ``inputs``).
+    :meth:`bcc.analyze.recording.BlockResiduals.call` (their bases index ``inputs``).
 
     ``detach=False`` keeps the autograd history (training through whole trajectories).
 
@@ -79,12 +79,15 @@ def cache_entry(out: Any, inputs: list[torch.Tensor], slots: Sequence[CacheSlot 
     return CacheEntry(spec, consts, tuple(slots), values)
 
 
-def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable) -> Callable[[], None]:
+def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable,
+                   residuals: Any = None) -> Callable[[], None]:
     """Set each named block's ``forward`` to ``wrap(name, index, forward)``; returns the undo.
 
     A region's forward is its end module's (:func:`bcc.analyze.regions.exit_module`):
     replacing that output on a reuse step is skipping the region, since nothing else in it
     is read after it (the modules between still run eagerly, on values nobody reads).
+    ``residuals`` (a :class:`bcc.analyze.recording.BlockResiduals`) is attached to the
+    regions' start modules, where their residual bases enter.
     An instance attribute shadows the class's ``forward``, so undoing deletes it again
     (or puts back an instance attribute that was there before).
     """
@@ -97,8 +100,10 @@ def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable)
                            f"block {name!r}: the model has no module {path!r}; list its blocks with bcc.find_blocks.")
         originals[path] = modules[path].__dict__.get("forward")
         modules[path].forward = wrap(name, i, modules[path].forward)
+    detach = residuals.attach(model, names) if residuals is not None else (lambda: None)
 
     def restore() -> None:
+        detach()
         for path, original in originals.items():
             if original is None:
                 del modules[path].forward

@@ -10,8 +10,10 @@ training do), while the nodes in between compute values nobody reads.
 
 DeepCache's skipped "deep branch" is such a region (see :func:`unet_branch`), and so
 is a run of consecutive DiT layers (``"transformer_blocks.2..transformer_blocks.5"``).
-A region caches its whole output (DeepCache's rule): the residual rule of
-:mod:`bcc.analyze.residual` reads one module call, and a region is many.
+A region's output is cached as a residual of the stream entering it where the rule
+of :mod:`bcc.analyze.residual` finds one among the values ``start`` reads (a run of
+DiT layers: the hidden states entering the first), else whole (DeepCache's branch,
+whose end mixes in a skip connection by concatenation).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.fx as fx
 
 from bcc.errors import BccError, ErrorCode
 
-__all__ = ["SEP", "region", "split_region", "is_region", "cache_mode", "exit_module", "unet_branch",
+__all__ = ["SEP", "region", "split_region", "is_region", "exit_module", "unet_branch",
            "RegionSpan", "find_region", "span_names"]
 
 SEP = ".."
@@ -62,16 +64,6 @@ def split_region(name: str) -> tuple[str, str] | None:
 def is_region(name: str) -> bool:
     """Whether block ``name`` is a region (``"start..end"``) rather than one module."""
     return isinstance(name, str) and SEP in name
-
-
-def cache_mode(name: str, mode: str) -> str:
-    """What block ``name`` caches under the compile's ``mode``: a region its whole output.
-
-    Example:
-        >>> cache_mode("a..b", "residual"), cache_mode("a", "residual")
-        ('output', 'residual')
-    """
-    return "output" if is_region(name) else mode
 
 
 def exit_module(name: str) -> str:

@@ -25,9 +25,17 @@ reached only in part (a slice that is not one ``cat`` operand): the rule cannot 
 and the output is cached whole with a :class:`~bcc.errors.BccWarning`.
 
 The rule reads a :class:`Dataflow`; :func:`fx_dataflow` builds one from an outlined
-block subgraph (what :class:`~bcc.passes.GateBlocksPass` sees), :func:`record_call` from
-one eager call of a block (what the hook reference, calibration and scale-shift
-training see), so all of them get the same answer.
+block subgraph (what :class:`~bcc.passes.GateBlocksPass` sees),
+:func:`bcc.analyze.recording.record_call` from one eager call of a block (what the hook
+reference, calibration and scale-shift training see), so all of them get the same answer.
+
+A region (``"start..end"``, :mod:`bcc.analyze.regions`) is many module calls, and its
+inputs are every value it reads from outside. Its output may only be a residual of a
+value its ``start`` module reads (the stream entering the region: a DiT's hidden states
+entering its first layer): the others, a time embedding or a text encoding, are held as
+constants. The graph side reads that from the outlined region's nodes of ``start``, the
+eager side from the ops recorded while ``start`` runs, so both offer the rule the same
+candidates.
 """
 from __future__ import annotations
 
@@ -39,15 +47,10 @@ from typing import Any, Callable, Collection, Hashable
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from bcc.capture.signature import signature_of
 from bcc.errors import BccWarning
-from bcc.analyze.regions import cache_mode
-from bcc.analyze.slots import CacheSlot
 
-__all__ = ["Value", "TensorMeta", "OpRecord", "Dataflow", "Residual", "decide_residuals", "fx_dataflow",
-           "record_call", "BlockResiduals"]
+__all__ = ["Value", "TensorMeta", "OpRecord", "Dataflow", "Residual", "decide_residuals", "fx_dataflow"]
 
 # More walk steps than this and the rule gives up (cannot tell); real blocks need < 100.
 _BUDGET = 20_000
@@ -364,6 +367,7 @@ def decide_residuals(flow: Dataflow, *, block: str = "block", mode: str = "resid
         ...     def forward(self, a, b):
         ...         return b + 2 * a.mean(-1, keepdim=True), a * 2
         >>> x = torch.randn(2, 3)
+        >>> from bcc.analyze.recording import record_call
         >>> out, flow = record_call(Block(), (x, x.clone()), {})
         >>> [(r.base, r.reason) for r in decide_residuals(flow)]
         [(1, 'identity path'), (None, 'no identity path')]
@@ -379,8 +383,8 @@ def decide_residuals(flow: Dataflow, *, block: str = "block", mode: str = "resid
         if meta is None:
             decisions.append(Residual(j, None, None, "not a tensor"))
             continue
-        if cache_mode(block, mode) == "output":
-            decisions.append(Residual(j, None, None, "output mode" if mode == "output" else "a region"))
+        if mode == "output":
+            decisions.append(Residual(j, None, None, "output mode"))
             continue
         walker = _Walker(flow, producers, index)
         if not walker.run(key):
@@ -463,109 +467,3 @@ def fx_dataflow(sub: fx.GraphModule, constants: Collection[int] = ()) -> Dataflo
                                 dict(fx.node.map_arg(node.kwargs, to_value)), outs))
     outputs = tuple(o if isinstance(o, fx.Node) and o in metas else None for o in sub.graph.output_node().args[0])
     return Dataflow(tuple(inputs), outputs, tuple(ops), metas)
-
-
-class _Recorder(TorchDispatchMode):
-    """Logs every ATen op with its operands' and outputs' keys.
-
-    A key is ``(id, writes)``: an op that returns one of its own operands (``add_``, an
-    ``out=`` variant) wrote a new value into that tensor, so its output is a new key.
-    (Writes through another view of the tensor are not seen; the rule then follows the
-    value from before the write, which makes reuse less accurate, never wrong.) Every
-    tensor seen is held until the recorder is dropped, so no id is reused meanwhile.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[OpRecord] = []
-        self.metas: dict[Hashable, TensorMeta] = {}
-        self._writes: dict[int, int] = {}
-        self._held: list[torch.Tensor] = []
-
-    def key(self, t: torch.Tensor) -> Hashable:
-        k = (id(t), self._writes.get(id(t), 0))
-        if k not in self.metas:
-            self._held.append(t)
-            self.metas[k] = TensorMeta(tuple(t.shape), t.dtype)
-        return k
-
-    def _refs(self, tree: Any) -> Any:
-        return pytree.tree_map(lambda a: Value(self.key(a)) if isinstance(a, torch.Tensor) else a, tree)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        rargs, rkwargs = self._refs(tuple(args)), self._refs(dict(kwargs))
-        out = func(*args, **kwargs)
-        operands = {id(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
-        outs = []
-        for v in pytree.tree_leaves(out):
-            if isinstance(v, torch.Tensor) and id(v) in operands:
-                self._writes[id(v)] = self._writes.get(id(v), 0) + 1
-            outs.append(self.key(v) if isinstance(v, torch.Tensor) else None)
-        self.ops.append(OpRecord(func, rargs, rkwargs, tuple(outs)))
-        return out
-
-
-def record_call(forward: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Dataflow]:
-    """Run ``forward(*args, **kwargs)`` once, recording its ATen ops; returns its output
-    and the :class:`Dataflow`, whose inputs are the call's tensor arguments in pytree
-    order (positional, then keyword) and whose outputs are its output leaves.
-
-    Example:
-        >>> out, flow = record_call(lambda x: x + 1, (torch.zeros(2),), {})
-        >>> len(flow.inputs), len(flow.ops), out.tolist()
-        (1, 1, [1.0, 1.0])
-    """
-    rec = _Recorder()
-    inputs = tuple(rec.key(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
-    with rec:
-        out = forward(*args, **kwargs)
-    outputs = tuple(rec.key(v) if isinstance(v, torch.Tensor) else None for v in pytree.tree_leaves(out))
-    return out, Dataflow(inputs, outputs, tuple(rec.ops), rec.metas)
-
-
-class BlockResiduals:
-    """The rule's answer for eager block calls, decided once per block and input signature.
-
-    The first call of a block with a signature (shapes, dtypes, devices, non-tensor
-    arguments) runs under :func:`record_call`; later ones run plainly and reuse the
-    answer. Used by :class:`bcc.runtime.reference.HookReference`, :func:`bcc.calibrate`
-    and :func:`bcc.train_scale_shift`.
-
-    Example:
-        >>> br = BlockResiduals()
-        >>> x = torch.randn(2, 3)
-        >>> out, slots, inputs = br.call("blk", lambda a, b: (b + 1, a * 2), (x, x + 1), {})
-        >>> [(s.base, s.stream) for s in slots]  # b: argument 1, the first one the block uses
-        [(1, 0), (None, None)]
-    """
-
-    def __init__(self, mode: str = "residual"):
-        self.mode = mode
-        self._slots: dict[tuple, tuple[CacheSlot | None, ...]] = {}
-
-    def call(self, name: str, forward: Callable[..., Any], args: tuple,
-             kwargs: dict) -> tuple[Any, tuple[CacheSlot | None, ...], list[torch.Tensor]]:
-        """``(output, one CacheSlot per output leaf (None: not a tensor), tensor arguments)``;
-        a slot's ``base`` indexes the tensor arguments."""
-        inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        # One tensor passed as two arguments is one value to the rule, so which arguments
-        # are the same tensor is part of what the answer depends on.
-        first = {}
-        aliasing = tuple(first.setdefault(id(a), i) for i, a in enumerate(inputs))
-        key = (name, signature_of(args, kwargs), aliasing)
-        slots = self._slots.get(key)
-        if slots is not None:
-            return forward(*args, **kwargs), slots, inputs
-        if cache_mode(name, self.mode) == "output":  # nothing to decide: every output is cached whole
-            out = forward(*args, **kwargs)
-            bases = [(None, None)] * len(pytree.tree_leaves(out))
-        else:
-            out, flow = record_call(forward, args, kwargs)
-            bases = [(d.base, d.stream) for d in decide_residuals(flow, block=name)]
-        slots = tuple(
-            None if not isinstance(v, torch.Tensor) else
-            CacheSlot(name, j, base, tuple(v.shape), v.dtype, v.device, stream)
-            for j, (v, (base, stream)) in enumerate(zip(pytree.tree_leaves(out), bases)))
-        self._slots[key] = slots
-        return out, slots, inputs

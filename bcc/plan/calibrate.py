@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions
-from bcc.analyze.residual import BlockResiduals
+from bcc.analyze.recording import BlockResiduals
 from bcc.capture.graph import capture
 from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
@@ -83,7 +83,7 @@ class _Recorder:
         self.residuals = BlockResiduals(mode)
         self.find_timestep = timestep_finder(model.forward)
         self.handles = [model.register_forward_pre_hook(self._on_step, with_kwargs=True)]
-        self._restore = patch_forwards(model, self.names, self._wrap)
+        self._restore = patch_forwards(model, self.names, self._wrap, self.residuals)
 
     def _on_step(self, module, args, kwargs):
         self.step += 1

@@ -16,7 +16,8 @@ where FLOPs mislead). Candidates come from schedule families:
   blocks cached and its outer ones computed is DeepCache's shape);
 
 * ``"region"``: a multi-module region (:mod:`bcc.analyze.regions`) refreshed at ``m`` steps
-  and cached whole, one gate for all it holds, the blocks outside it run at every step:
+  and cached as one unit behind one gate (a residual of the stream entering it where
+  :mod:`bcc.analyze.residual` finds one, else whole), the blocks outside it run at every step:
   the span of all the profile's blocks, and on a UNet DeepCache's branches
   (:func:`~bcc.analyze.regions.unet_branch`). Each region is compiled once
   (:meth:`~bcc.BccModule.bcc_recompile`) and costed as the profile blocks inside it, an

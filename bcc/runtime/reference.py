@@ -9,10 +9,9 @@ the number of calls of the root model modulo the schedule's length, as in
 from __future__ import annotations
 
 import torch
-import torch.utils._pytree as pytree
 
 from bcc.analyze.hooks import CacheEntry, cache_entry, patch_forwards
-from bcc.analyze.residual import BlockResiduals
+from bcc.analyze.recording import BlockResiduals
 from bcc.plan.schedule import Schedule
 
 __all__ = ["HookReference"]
@@ -49,7 +48,7 @@ class HookReference:
         self.calls = 0
         self.caches: dict[str, CacheEntry] = {}
         self.residuals = BlockResiduals(mode)
-        self._restore = patch_forwards(model, schedule.block_names, self._wrap)
+        self._restore = patch_forwards(model, schedule.block_names, self._wrap, self.residuals)
         self._hook = model.register_forward_pre_hook(self._count)
 
     @property
@@ -65,7 +64,7 @@ class HookReference:
                 out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
                 self.caches[name] = cache_entry(out, inputs, slots)
                 return out
-            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            inputs = self.residuals.inputs(name, args, kwargs)
             ss = self.scale_shift
             adjust = None if ss is None else (lambda slot, cached: ss.adjust(ss.index_of(slot), cached, self.step))
             return self.caches[name].rebuild(inputs, adjust)

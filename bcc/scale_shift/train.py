@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from bcc.analyze.residual import BlockResiduals
+from bcc.analyze.recording import BlockResiduals
 from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import model_fingerprint
@@ -191,7 +191,7 @@ class _Student(torch.nn.Module):
         self._emb_capture: torch.Tensor | None = None
         self.slots: list[CacheSlot] = []
         self._handles = []
-        self._restore = patch_forwards(model, schedule.block_names, self._wrap)
+        self._restore = patch_forwards(model, schedule.block_names, self._wrap, self.residuals)
         modules = dict(model.named_modules())
         self.emb_source = "sinusoidal"
         for cand in EMBEDDING_MODULES:
@@ -240,7 +240,7 @@ class _Student(torch.nn.Module):
                 out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
                 self.caches[name] = cache_entry(out, inputs, slots, detach=self.loss_kind != "final")
                 return out
-            inputs = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            inputs = self.residuals.inputs(name, args, kwargs)
 
             def adjust(slot: CacheSlot, cached: torch.Tensor) -> torch.Tensor:
                 k = self.ss.index_of(slot)
