@@ -4,6 +4,8 @@ how block forwards are wrapped.
 The hook reference (:mod:`bcc.runtime.reference`), calibration and scale-shift
 training all run blocks eagerly; they share these two helpers, and the residual
 decisions of :mod:`bcc.analyze.residual`, so eager caching means one thing everywhere.
+:func:`delegating_getattr` lets a wrapper (a compiled model, a training student, a peer's
+adapter) stand in for the model it wraps.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from bcc.analyze.regions import exit_module
 from bcc.analyze.slots import CacheSlot
 from bcc.errors import BccError, ErrorCode
 
-__all__ = ["CacheEntry", "cache_entry", "patch_forwards"]
+__all__ = ["CacheEntry", "cache_entry", "patch_forwards", "delegating_getattr"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +113,13 @@ def patch_forwards(model: torch.nn.Module, names: Sequence[str], wrap: Callable,
                 modules[path].forward = original
 
     return restore
+
+
+def delegating_getattr(self: torch.nn.Module, name: str) -> Any:
+    """``__getattr__`` for wrappers that keep the model as ``_orig_mod``: attributes they
+    do not define (``config``, ``dtype``, ...) come from the model, so they can stand in
+    for it (``pipe.unet = wrapper``)."""
+    try:
+        return torch.nn.Module.__getattr__(self, name)
+    except AttributeError:
+        return getattr(self._modules["_orig_mod"], name)

@@ -32,6 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions, module_calls
+from bcc.analyze.hooks import delegating_getattr
 from bcc.capture.frozen import frozen_state
 from bcc.capture.graph import Captured, capture, flatten_call
 from bcc.capture.signature import Signature, diff, signature_of
@@ -46,7 +47,7 @@ from bcc.plan.schedule import Schedule
 from bcc.runtime.stepper import CacheSpec, Program, StepRef, Stepper, TrajectoryMarker
 from bcc.scale_shift.params import ScaleShift, channel_dim, table_rows
 
-__all__ = ["BccModule", "delegating_getattr"]
+__all__ = ["BccModule"]
 
 # torch.export is not thread-safe (two captures at once failed with "Trying to pop empty
 # mode stack"), so a capture and the first, compiling call of its graph are serialised
@@ -73,16 +74,6 @@ class _Follow:
     fixed: Schedule | None  # the one schedule (a factory's after the first capture); None for a plan
     schedules: dict[int, Schedule]  # per step count: the fixed one, or the plan's, derived once
     scale_shift: "ScaleShift | _IdentityTables | None"
-
-
-def delegating_getattr(self: torch.nn.Module, name: str) -> Any:
-    """``__getattr__`` for wrappers that keep the model as ``_orig_mod``: attributes they
-    do not define (``config``, ``dtype``, ...) come from the model, so they can stand in
-    for it (``pipe.unet = wrapper``)."""
-    try:
-        return torch.nn.Module.__getattr__(self, name)
-    except AttributeError:
-        return getattr(self._modules["_orig_mod"], name)
 
 
 class BccModule(torch.nn.Module):

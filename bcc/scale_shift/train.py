@@ -42,9 +42,8 @@ from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.profile import model_fingerprint
 from bcc.plan.schedule import Schedule
-from bcc.runtime.module import delegating_getattr
 from bcc._io import thaw
-from bcc.analyze.hooks import CacheEntry, cache_entry, patch_forwards
+from bcc.analyze.hooks import CacheEntry, cache_entry, delegating_getattr, patch_forwards
 from bcc.scale_shift.params import KINDS, CacheSlot, ScaleShift, check_distinct, sinusoidal_embedding
 
 __all__ = ["train_scale_shift", "ScaleShiftTrainConfig", "EMBEDDING_MODULES"]

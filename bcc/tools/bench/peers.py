@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from bcc.tools.digits.model import denoiser_arch
-from bcc.runtime.module import delegating_getattr
+from bcc.analyze.hooks import delegating_getattr
 
 __all__ = ["PEERS", "PeerSetting", "PeerStats", "PeerDenoiser", "peer_settings", "enable", "timestep_schedule",
            "magcache_ratios", "compile_report"]
