@@ -9,6 +9,7 @@ cache_branch_id=b`` on the shipped UNet.
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -265,8 +266,10 @@ def test_region_recording_is_dropped_when_the_forward_raises():
         model.l2.lin.forward = lambda h: (_ for _ in ()).throw(RuntimeError("boom"))
         with pytest.raises(RuntimeError, match="boom"):
             model(xs[0], torch.tensor(0.0))
+        # The recording started at l1 would otherwise stay on torch's dispatch stack.
+        assert _get_current_dispatch_mode() is None
         model.l2.lin.forward = original
-        # No recording left running: the next trajectory is the plain model's.
+        # And the next trajectory is the plain model's.
         with torch.no_grad():
             got = _run(model, xs)
     finally:
