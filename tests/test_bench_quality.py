@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import bcc
 from bcc.tools.bench import quality
+from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler
 
 
 def _count(monkeypatch, calls, owner, name, key):
@@ -168,3 +170,57 @@ def test_combine_takes_only_a_separately_timed_scale_shift_row(tmp_path):
                                    "plain_ss_run": 1.4, "bcc_ss_run": 1.03}
     assert r["scale_shift"]["loss"] == "final" and "`rerun`" in r["scale_shift"]["note"]
     assert "1.36x" in r["scale_shift"]["note"] and r["scale_shift"]["note"].endswith("final loss")
+
+
+def test_a_searched_region_row_samples_the_region_schedule(tmp_path, monkeypatch):
+    """When the search picks a region, the planned row runs it on the region's own model:
+    its samples are those of skipping the region by hand (a hook on its end module)."""
+    real_search = bcc.search_schedule
+
+    def region_only(fast, run, profile, budget, **kw):
+        span = bcc.region(profile.block_names[0], profile.block_names[-1])
+        return real_search(fast, run, profile, budget, **{**kw, "families": ("region",), "regions": [span]})
+
+    monkeypatch.setattr(quality.bcc, "search_schedule", region_only)
+    # FLOPs instead of timings: the budget must not depend on what else the machine runs.
+    monkeypatch.setattr(quality.bcc.CostModel, "measure", lambda fast, run, profile, repeats=3: bcc.CostModel(
+        profile.block_names, profile.block_flops, profile.rest_flops, "flops", {"fit_max_rel_error": 0.0}))
+    monkeypatch.setattr(quality, "_time", lambda models, run, labels, repeats: {k: 1.0 for k in models})
+    (tmp_path / "out").mkdir()
+    result = quality.bench_config("unet", "ddim", 5, n=10, seeds=[0], budget=0.6, blocks=quality.ALL_BLOCKS,
+                                  guidance=3.0, chunk=10, repeats=1, out_dir=tmp_path / "out", log=lambda msg: None,
+                                  rows=("baseline", "planned"), resume=tmp_path / "partial")
+    planned = bcc.Schedule.load(tmp_path / "out" / "unet_ddim5_planned_schedule.json")
+    (span,) = planned.block_names
+    assert "region" in result["search"]["chosen"]["family"] and not planned.mask.all()
+
+    # By hand: count the steps at the root; on a reuse step the end module returns the
+    # output it gave at the last computed step (the UNet's span ends in a skip concatenation,
+    # so it is cached whole), and nothing the region computed before it is read.
+    model, conditioner, train_sched = load_digits_model(default_model_dir("unet"))
+    end = model.get_submodule(span.split("..")[1])
+    state = {"calls": 0, "out": None}
+
+    def count(module, args):
+        state["calls"] += 1
+
+    def skip(module, args, out):
+        if planned.mask[(state["calls"] - 1) % 5, 0]:
+            state["out"] = out
+            return None
+        return state["out"]
+
+    hooks = [model.register_forward_pre_hook(count), end.register_forward_hook(skip)]
+    try:
+        run = quality._sampler(model, conditioner, make_scheduler("ddim", train_sched), 5, 3.0)
+        with torch.no_grad():
+            want = quality._generate(run, model, torch.arange(10) % 10, 0, 10)
+    finally:
+        for h in hooks:
+            h.remove()
+    got = torch.load(tmp_path / "partial" / "unet_ddim5" / "planned_seed0.pt")
+    torch.testing.assert_close(got, want)
+    # And the check can tell: reusing changed the samples (a reuse at the last DDIM step
+    # alone would not, hence 5 steps at budget 0.6).
+    base = torch.load(tmp_path / "partial" / "unet_ddim5" / "baseline_seed0.pt")
+    assert not torch.allclose(got, base, atol=1e-3)

@@ -7,6 +7,15 @@ recording and the call of its ``end`` module (whose output is the region's) deci
 candidates for its residual base are the tensors ``start`` receives and reads (see
 :mod:`bcc.analyze.residual`). On later calls the base is taken from ``start``'s
 arguments of the same step.
+
+The eager window (``start``'s pre-hook to ``end``'s return) and the graph's region (the
+nodes between ``start`` and ``end``, plus what only they read) are the same code in the
+models bcc targets. A region whose hull pulls in a computation that eager code runs
+*before* ``start`` (say, a projection only the region reads, computed early by the
+parent) would give the rule a value the recording sees as an input and the graph as an
+inner node, and the two sides could decide differently (one a residual, the other the
+whole output): each is a valid cache, but the hook reference would then no longer match
+the graph exactly. No shipped or tested model has such a region.
 """
 from __future__ import annotations
 
