@@ -258,7 +258,19 @@ class GateBlocksPass(PassBase):
                 graph.erase_node(user)
             graph.erase_node(node)
             gm.delete_submodule(str(node.target))
-            new_caches.extend(getters[n_out:])
+            # A cache held whole is copied from the block's output here, in the main graph, not
+            # taken from the branch's copy: inductor (2.13, CPU) could leave a value computed
+            # after the cond in that copy (tiny PixArt, batch 1: the cache held proj_out's input;
+            # tests/test_fuzz.py::test_whole_cache_holds_the_block_output_under_inductor). With
+            # scale-shift a reused output is the corrected cache, not the cache: the branch's copy.
+            new = list(getters[n_out:])
+            if not self.scale_shift:
+                for j, base in enumerate(plan.bases):
+                    if base is None:
+                        with graph.inserting_after(getters[-1]):
+                            new[j] = graph.call_function(aten.clone.default, (getters[j],),
+                                                         {"memory_format": torch.contiguous_format})
+            new_caches.extend(new)
         out_node = graph.output_node()
         out_node.args = (tuple(out_node.args[0]) + tuple(new_caches),)
         gm.meta[SLOTS] = [slot for plan in plans for slot in plan.slots]

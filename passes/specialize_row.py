@@ -95,6 +95,16 @@ class SpecializeRowPass(PassBase):
                     if user.target is operator.getitem and j >= 0:
                         user.replace_all_uses_with(operands[j])
                         graph.erase_node(user)
+                # A cache held whole leaves as a main-graph copy of the block's output (see
+                # GateBlocksPass); reused, that output is the cache itself.
+                out_node = graph.output_node()
+                outs = list(out_node.args[0])
+                for k, o in enumerate(outs):
+                    src = o.args[0] if isinstance(o, fx.Node) and o.target is torch.ops.aten.clone.default else None
+                    if (isinstance(src, fx.Node) and src.target is operator.getitem and src.args[0] is call
+                            and src.args[1] < n_caches):
+                        outs[k] = operands[src.args[1]]
+                out_node.args = (tuple(outs),)
         graph.eliminate_dead_code()
         # Placeholders are kept even when unused: the call signature is the gated graph's.
         gm.delete_all_unused_submodules()

@@ -112,8 +112,8 @@ def test_compiled_equals_reference_on_random_configs(name):
     # No shrinking: every shrink step would compile another model; the failing
     # configuration and seed are printed as drawn.
     # CI draws the same few configurations every run (derandomize), so a landing is not a
-    # coin toss; BCC_FUZZ_EXAMPLES=N draws fresh ones. The defect this found, which CI's draws
-    # must not hide, has a test of its own (test_known_inductor_defect_output_cache_batch_1).
+    # coin toss; BCC_FUZZ_EXAMPLES=N draws fresh ones. What a fresh draw found has a
+    # test of its own (test_whole_cache_holds_the_block_output_under_inductor).
     @settings(max_examples=EXAMPLES or CI_CONFIGS[name], deadline=None, phases=(Phase.explicit, Phase.generate),
               suppress_health_check=list(HealthCheck), print_blob=True, derandomize=not EXAMPLES)
     @given(config=_configs(name), seed=st.integers(0, 2**31 - 1))
@@ -137,11 +137,10 @@ def test_compiled_equals_reference_on_random_configs(name):
     check()
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, found by the fuzz test: under inductor's torch.cond "
-                   "lowering the cache of a block cached whole holds a value computed after the block "
-                   "(PixArt, batch 1: the input of proj_out); the eager backend and strategy='specialize' "
-                   "are exact. Open: see README, Known defects.")
-def test_known_inductor_defect_output_cache_batch_1():
+def test_whole_cache_holds_the_block_output_under_inductor():
+    """Found by the fuzz test: with the cache taken from the cond's branch copy, inductor left
+    the input of proj_out (a value computed after the block) in the cache of a transformer
+    block cached whole, on the tiny PixArt at batch 1; every reuse was wrong by O(1)."""
     model, _args, _kwargs = built("pixart")
     inputs = _trajectory("pixart", model, 3, 1, False)
     schedule = Schedule(torch.tensor([[True], [False], [True]]), ["transformer_blocks.1"])

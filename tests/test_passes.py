@@ -57,7 +57,8 @@ def test_gate_golden_graph():
     bcc_reuse_0 = self.bcc_reuse_0
     cond = torch.ops.higher_order.cond(select_int_1, bcc_recompute_0, bcc_reuse_0, (bcc_cache_0_0, contiguous_default));  select_int_1 = bcc_recompute_0 = bcc_reuse_0 = bcc_cache_0_0 = contiguous_default = None
     getitem_2 = cond[0]
-    getitem_3 = cond[1];  cond = None
+    getitem_3 = cond[1];  cond = getitem_3 = None
+    clone_default = torch.ops.aten.clone.default(getitem_2, memory_format = torch.contiguous_format)
     contiguous_default_1 = torch.ops.aten.contiguous.default(getitem_2);  getitem_2 = None
     select_int_2 = torch.ops.aten.select.int(select_int, 0, 1);  select_int = None
     bcc_recompute_1 = self.bcc_recompute_1
@@ -66,7 +67,7 @@ def test_gate_golden_graph():
     getitem_4 = cond_1[0]
     getitem_5 = cond_1[1];  cond_1 = None
     add_1 = torch.ops.aten.add.Tensor(getitem_4, t);  getitem_4 = t = None
-    return (add_1, getitem_3, getitem_5)"""
+    return (add_1, clone_default, getitem_5)"""
     # b0 (2x) has no identity path, so its whole output is cached; b1 (x + 10) is a residual block.
     assert _code(gm.bcc_reuse_0) == """def forward(self, cache_0, x_0):
     clone_default = torch.ops.aten.clone.default(cache_0)
