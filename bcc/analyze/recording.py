@@ -19,7 +19,7 @@ the graph exactly. No shipped or tested model has such a region.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
@@ -116,7 +116,7 @@ class _Entry:
     recorder: _Recorder | None = None
     input_keys: tuple = ()
     start_ops: int | None = None
-    active: bool = field(default=False)
+    active: bool = False
 
 
 class BlockResiduals:

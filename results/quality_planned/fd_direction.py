@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -55,9 +56,8 @@ def analyse(cell: Path, real_f: torch.Tensor) -> dict:
 
 def _mean(rows: list[dict], key: str) -> str:
     vals = [r[key] for r in rows]
-    m = sum(vals) / len(vals)
-    sd = (sum((v - m) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
-    return f"{m:.3f} ± {sd:.3f}"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
 def report(results: list[dict]) -> str:
