@@ -7,9 +7,12 @@ For block ``i`` the graph computes::
 
 ``recompute`` runs the block and returns its outputs plus what to cache (the
 residual ``out - x``, where ``x`` is the input on the block's identity path as
-:mod:`bcc.analyze.residual` decides, or the whole output); ``reuse`` rebuilds the
-outputs from the cache. Caches are threaded functionally: they enter as placeholders and leave as
-extra outputs, so the branches mutate nothing and the graph stays exportable.
+:mod:`bcc.analyze.residual` decides); ``reuse`` rebuilds the outputs from the cache.
+A cache held whole is not a branch output: it is a copy of the block's output, made
+in the main graph after the cond (see :func:`_held_in_branch`). Caches are threaded
+functionally: they enter as placeholders and leave as the graph's last outputs, in
+``gm.meta["bcc_cache_slots"]`` order, so the branches mutate nothing and the graph
+stays exportable.
 """
 from __future__ import annotations
 
@@ -113,6 +116,20 @@ def _adjust(g: fx.Graph, cache: fx.Node, row: fx.Node, val: torch.Tensor) -> fx.
     return g.call_function(aten.add.Tensor, (scaled, beta))
 
 
+def _held_in_branch(base: int | None) -> bool:
+    """Whether a slot's new cache is a branch output; a cache held whole is made in the main graph.
+
+    A branch that returns its output and a copy of it as the cache can return one buffer
+    twice under inductor (2.13, CPU): once the output's last reader ran, inductor reused that
+    buffer and the cache held a later value (tiny PixArt, batch 1: proj_out's input, with
+    and without scale-shift; tests/test_fuzz.py::test_whole_cache_*). In the main graph the
+    cache is read from the output, a dependency inductor sees: a copy of it, or, with
+    scale-shift (where a reused output is the corrected cache, not the cache),
+    ``where(bit, output, old cache)``. It is also one copy fewer per step.
+    """
+    return base is not None
+
+
 def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: bool,
             scale_shift: bool = False) -> fx.GraphModule:
     g = fx.Graph()
@@ -132,8 +149,8 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
             out = (g.call_function(aten.clone.default, (got,), {"memory_format": torch.contiguous_format})
                    if _aliases(_val(sub_outs[j]), inputs) else _contiguous(g, got, like=sub_outs[j]))
             outs.append(out)
-            new.append(g.call_function(aten.sub.Tensor, (out, xs[base])) if base is not None
-                       else g.call_function(aten.clone.default, (out,)))
+            if _held_in_branch(base):
+                new.append(g.call_function(aten.sub.Tensor, (out, xs[base])))
     else:
         for j, base in enumerate(bases):
             # Both branches must agree on strides, and an input (the residual base) may be
@@ -146,7 +163,8 @@ def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: 
             else:
                 outs.append(_contiguous(g, reused, like=sub_outs[j]) if scale_shift
                             else g.call_function(aten.clone.default, (reused,)))
-            new.append(g.call_function(aten.clone.default, (caches[j],)))
+            if _held_in_branch(base):
+                new.append(g.call_function(aten.clone.default, (caches[j],)))
     g.output(tuple(outs + new))
     root = _Holder(sub) if recompute else torch.nn.Module()
     return fx.GraphModule(root, g, class_name="Recompute" if recompute else "Reuse")
@@ -249,7 +267,8 @@ class GateBlocksPass(PassBase):
                     (pred, t_attr, f_attr, tuple(plan.caches) + ss_rows + operands),
                 )
                 n_out = len(plan.slots)
-                getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(2 * n_out)]
+                held = [_held_in_branch(b) for b in plan.bases]
+                getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(n_out + sum(held))]
             cond.meta[META] = node.meta[META]
             for user in list(node.users):
                 if user.target is not operator.getitem:
@@ -258,18 +277,18 @@ class GateBlocksPass(PassBase):
                 graph.erase_node(user)
             graph.erase_node(node)
             gm.delete_submodule(str(node.target))
-            # A cache held whole is copied from the block's output here, in the main graph, not
-            # taken from the branch's copy: inductor (2.13, CPU) could leave a value computed
-            # after the cond in that copy (tiny PixArt, batch 1: the cache held proj_out's input;
-            # tests/test_fuzz.py::test_whole_cache_holds_the_block_output_under_inductor). With
-            # scale-shift a reused output is the corrected cache, not the cache: the branch's copy.
-            new = list(getters[n_out:])
-            if not self.scale_shift:
-                for j, base in enumerate(plan.bases):
-                    if base is None:
-                        with graph.inserting_after(getters[-1]):
-                            new[j] = graph.call_function(aten.clone.default, (getters[j],),
-                                                         {"memory_format": torch.contiguous_format})
+            new: list[fx.Node] = []
+            k = n_out
+            with graph.inserting_after(getters[-1]):
+                for j, in_branch in enumerate(held):
+                    if in_branch:
+                        new.append(getters[k])
+                        k += 1
+                    elif self.scale_shift:
+                        new.append(graph.call_function(aten.where.self, (pred, getters[j], plan.caches[j])))
+                    else:
+                        new.append(graph.call_function(aten.clone.default, (getters[j],),
+                                                       {"memory_format": torch.contiguous_format}))
             new_caches.extend(new)
         out_node = graph.output_node()
         out_node.args = (tuple(out_node.args[0]) + tuple(new_caches),)

@@ -17,7 +17,6 @@ result, through :func:`bcc.passes.specialize`.
 """
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
@@ -25,6 +24,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.errors import BccInternalError
+from bcc.passes.annotate_blocks import BLOCKS
+from bcc.passes.gate_blocks import SLOTS
 
 __all__ = ["SpecializeRowPass", "specialized"]
 
@@ -38,6 +39,18 @@ def _block_index(cond: fx.Node) -> int:
     if not (isinstance(pred, fx.Node) and pred.target is torch.ops.aten.select.int):
         raise BccInternalError(f"cond {cond.name} has no schedule-column predicate")
     return int(pred.args[2])
+
+
+def _cache_outputs(gm: fx.GraphModule, n_outputs: int) -> dict[int, list[tuple[int, int]]]:
+    """Per block index, ``(graph output position, slot index in the block)`` of its new caches:
+    GateBlocksPass appends them last, in ``gm.meta[SLOTS]`` order."""
+    names = list(gm.meta[BLOCKS])
+    first = n_outputs - len(gm.meta[SLOTS])
+    per_block: dict[int, list[tuple[int, int]]] = {}
+    for k, slot in enumerate(gm.meta[SLOTS]):
+        mine = per_block.setdefault(names.index(slot.block), [])
+        mine.append((first + k, len(mine)))
+    return per_block
 
 
 class SpecializeRowPass(PassBase):
@@ -74,6 +87,9 @@ class SpecializeRowPass(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         conds = [n for n in graph.nodes if n.target is torch.ops.higher_order.cond]
+        out_node = graph.output_node()
+        outs = list(out_node.args[0])
+        slots = _cache_outputs(gm, len(outs))
         for cond in conds:
             i = _block_index(cond)
             if i >= len(self.row):
@@ -87,24 +103,12 @@ class SpecializeRowPass(PassBase):
             graph.erase_node(cond)
             if not self.row[i] and self.pass_through:
                 # A reused block's caches leave unchanged: without a cond there is no aliasing
-                # rule to satisfy, so the graph returns the cache inputs themselves instead of
-                # the branch's copies (which dead-code elimination then drops).
-                n_caches = len(gm.get_submodule(str(branch.target)).graph.output_node().args[0]) // 2
-                for user in list(call.users):
-                    j = user.args[1] - n_caches
-                    if user.target is operator.getitem and j >= 0:
-                        user.replace_all_uses_with(operands[j])
-                        graph.erase_node(user)
-                # A cache held whole leaves as a main-graph copy of the block's output (see
-                # GateBlocksPass); reused, that output is the cache itself.
-                out_node = graph.output_node()
-                outs = list(out_node.args[0])
-                for k, o in enumerate(outs):
-                    src = o.args[0] if isinstance(o, fx.Node) and o.target is torch.ops.aten.clone.default else None
-                    if (isinstance(src, fx.Node) and src.target is operator.getitem and src.args[0] is call
-                            and src.args[1] < n_caches):
-                        outs[k] = operands[src.args[1]]
-                out_node.args = (tuple(outs),)
+                # rule to satisfy, so the graph returns the cache inputs themselves (a cond's
+                # first operands, one per slot) instead of copies, which dead-code elimination
+                # then drops.
+                for k, j in slots[i]:
+                    outs[k] = operands[j]
+        out_node.args = (tuple(outs),)
         graph.eliminate_dead_code()
         # Placeholders are kept even when unused: the call signature is the gated graph's.
         gm.delete_all_unused_submodules()

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import bcc
 from bcc import Schedule
+from bcc.runtime.reference import HookReference
 from bcc.tools import zoo
 
 from testing import built, reference_outputs, run
@@ -147,3 +148,27 @@ def test_whole_cache_holds_the_block_output_under_inductor():
     fast = bcc.compile(model, schedule, mode="output")
     for g, w in zip(run(fast, inputs), reference_outputs(model, schedule, inputs, "output"), strict=True):
         torch.testing.assert_close(g, w, **COMPILED_TOL)
+
+
+def test_whole_cache_with_scale_shift_holds_the_block_output_under_inductor():
+    """The same setting with scale-shift, whose branches still return the cache (a reused
+    output there is the corrected cache, not the cache): random corrections, reused twice,
+    against the hook reference."""
+    model, _args, _kwargs = built("pixart")
+    inputs = _trajectory("pixart", model, 3, 1, False)
+    schedule = Schedule(torch.tensor([[True], [False], [False]]), ["transformer_blocks.1"])
+    probe = bcc.compile(model, schedule, backend="eager", mode="output")
+    run(probe, inputs[:1])
+    ss = bcc.ScaleShift.for_graph(schedule, probe.bcc_slots(), model=model, mode="output")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in ss.table:
+            t.copy_(0.2 * torch.randn(t.shape, generator=g))
+    ref = HookReference(model, schedule, mode="output", scale_shift=ss)
+    try:
+        want = run(model, inputs)
+    finally:
+        ref.remove()
+    fast = bcc.compile(model, schedule, mode="output", scale_shift=ss)
+    for g_, w in zip(run(fast, inputs), want, strict=True):
+        torch.testing.assert_close(g_, w, **COMPILED_TOL)
