@@ -8,8 +8,8 @@ For block ``i`` the graph computes::
 ``recompute`` runs the block and returns its outputs plus what to cache (the
 residual ``out - x``, where ``x`` is the input on the block's identity path as
 :mod:`bcc.analyze.residual` decides); ``reuse`` rebuilds the outputs from the cache.
-A cache held whole is not a branch output: it is a copy of the block's output, made
-in the main graph after the cond (see :func:`_held_in_branch`). Caches are threaded
+A cache held whole is not a branch output: the main graph takes it from the cond's
+output (see :func:`_held_in_branch`). Caches are threaded
 functionally: they enter as placeholders and leave as the graph's last outputs, in
 ``gm.meta["bcc_cache_slots"]`` order, so the branches mutate nothing and the graph
 stays exportable.
@@ -119,13 +119,14 @@ def _adjust(g: fx.Graph, cache: fx.Node, row: fx.Node, val: torch.Tensor) -> fx.
 def _held_in_branch(base: int | None) -> bool:
     """Whether a slot's new cache is a branch output; a cache held whole is made in the main graph.
 
-    A branch that returns its output and a copy of it as the cache can return one buffer
-    twice under inductor (2.13, CPU): once the output's last reader ran, inductor reused that
-    buffer and the cache held a later value (tiny PixArt, batch 1: proj_out's input, with
-    and without scale-shift; tests/test_fuzz.py::test_whole_cache_*). In the main graph the
-    cache is read from the output, a dependency inductor sees: a copy of it, or, with
-    scale-shift (where a reused output is the corrected cache, not the cache),
-    ``where(bit, output, old cache)``. It is also one copy fewer per step.
+    A branch that returned its output and a copy of it as the cache could return one buffer
+    twice under inductor (2.13, CPU: it dropped the copy), and the main graph, which takes
+    a cond's outputs for separate buffers, reused the output's buffer once its last reader
+    ran: the cache held a later value (tiny PixArt, batch 1: proj_out's input, with and
+    without scale-shift; tests/test_fuzz.py::test_whole_cache_*). In the main graph the
+    cache is the cond's output itself, a graph output inductor keeps alive (a copy where the
+    caller receives that tensor too), or, with scale-shift (where a reused output is the
+    corrected cache, not the cache), ``where(bit, output, old cache)``.
     """
     return base is not None
 
@@ -220,6 +221,7 @@ class GateBlocksPass(PassBase):
         lifted = len(gm.meta.get(WEIGHTS, ()))
         weights = set(placeholders[len(placeholders) - lifted:]) if lifted else set()
         first = placeholders[0]
+        returned = {storage_key(_val(a)) for a in graph.output_node().args[0] if isinstance(a, fx.Node)} - {None}
         with graph.inserting_before(first):
             schedule = graph.placeholder("bcc_schedule")
             step = graph.placeholder("bcc_step")
@@ -286,9 +288,12 @@ class GateBlocksPass(PassBase):
                         k += 1
                     elif self.scale_shift:
                         new.append(graph.call_function(aten.where.self, (pred, getters[j], plan.caches[j])))
-                    else:
+                    elif storage_key(_val(plan.sub.graph.output_node().args[0][j])) in returned:
+                        # The caller gets this tensor too, and may change it in place.
                         new.append(graph.call_function(aten.clone.default, (getters[j],),
                                                        {"memory_format": torch.contiguous_format}))
+                    else:
+                        new.append(getters[j])
             new_caches.extend(new)
         out_node = graph.output_node()
         out_node.args = (tuple(out_node.args[0]) + tuple(new_caches),)

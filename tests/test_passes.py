@@ -1,6 +1,7 @@
 """Golden graphs and node counts for each pass."""
 import operator
 
+import pytest
 import torch
 
 from bcc.capture.graph import capture
@@ -57,8 +58,7 @@ def test_gate_golden_graph():
     bcc_reuse_0 = self.bcc_reuse_0
     cond = torch.ops.higher_order.cond(select_int_1, bcc_recompute_0, bcc_reuse_0, (bcc_cache_0_0, contiguous_default));  select_int_1 = bcc_recompute_0 = bcc_reuse_0 = bcc_cache_0_0 = contiguous_default = None
     getitem_2 = cond[0];  cond = None
-    clone_default = torch.ops.aten.clone.default(getitem_2, memory_format = torch.contiguous_format)
-    contiguous_default_1 = torch.ops.aten.contiguous.default(getitem_2);  getitem_2 = None
+    contiguous_default_1 = torch.ops.aten.contiguous.default(getitem_2)
     select_int_2 = torch.ops.aten.select.int(select_int, 0, 1);  select_int = None
     bcc_recompute_1 = self.bcc_recompute_1
     bcc_reuse_1 = self.bcc_reuse_1
@@ -66,9 +66,9 @@ def test_gate_golden_graph():
     getitem_3 = cond_1[0]
     getitem_4 = cond_1[1];  cond_1 = None
     add_1 = torch.ops.aten.add.Tensor(getitem_3, t);  getitem_3 = t = None
-    return (add_1, clone_default, getitem_4)"""
+    return (add_1, getitem_2, getitem_4)"""
     # b0 (2x) has no identity path, so its whole output is cached: its branches return the
-    # output alone and the main graph copies it (clone_default); b1 (x + 10) is a residual block.
+    # output alone, which is also the new cache (getitem_2); b1 (x + 10) is a residual block.
     assert _code(gm.bcc_reuse_0) == """def forward(self, cache_0, x_0):
     clone_default = torch.ops.aten.clone.default(cache_0);  cache_0 = None
     return (clone_default,)"""
@@ -97,7 +97,7 @@ def test_gate_output_mode_has_no_residual_arithmetic():
     for p in (AnnotateBlocksPass(names=["b0"]), OutlineBlocksPass(), GateBlocksPass(mode="output")):
         gm = p(gm).graph_module
     ops = [n.target for n in gm.bcc_reuse_0.graph.nodes if n.op == "call_function"]
-    assert ops == [torch.ops.aten.clone.default]  # the output; the main graph copies it as the cache
+    assert ops == [torch.ops.aten.clone.default]  # the output, which is also the new cache
     assert gm.meta["bcc_cache_slots"][0].base is None
 
 
@@ -123,3 +123,33 @@ def test_unet_counts_one_cond_per_block_and_keeps_other_nodes():
     # main graph's copy of the output.
     assert len(slots) == 4
     assert len(getitems) == len(slots) + sum(s.base is not None for s in slots)
+
+
+class _LastBlock(torch.nn.Module):
+    """The model returns a block cached whole, so the caller holds the tensor the cache would be."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(x * 2)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_caller_changing_the_output_in_place_leaves_the_cache_alone(backend):
+    import bcc
+    from bcc import Schedule
+
+    model = _LastBlock()
+    schedule = Schedule(torch.tensor([[True], [False], [False]]), ["head"])
+    fast = bcc.compile(model, schedule, backend=backend, mode="output")
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        want = model(x)
+        first = fast(x)
+        first.mul_(0)  # what a sampler may do with a prediction it owns
+        second = fast(torch.randn(2, 3))
+        second.add_(1)
+        third = fast(torch.randn(2, 3))
+    torch.testing.assert_close(third, want, rtol=1e-6, atol=1e-6)
