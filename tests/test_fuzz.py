@@ -170,5 +170,5 @@ def test_whole_cache_with_scale_shift_holds_the_block_output_under_inductor():
     finally:
         ref.remove()
     fast = bcc.compile(model, schedule, mode="output", scale_shift=ss)
-    for g_, w in zip(run(fast, inputs), want, strict=True):
-        torch.testing.assert_close(g_, w, **COMPILED_TOL)
+    for got, expected in zip(run(fast, inputs), want, strict=True):
+        torch.testing.assert_close(got, expected, **COMPILED_TOL)

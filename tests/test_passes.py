@@ -4,6 +4,8 @@ import operator
 import pytest
 import torch
 
+import bcc
+from bcc import Schedule
 from bcc.capture.graph import capture
 from bcc.passes import AnnotateBlocksPass, GateBlocksPass, OutlineBlocksPass
 
@@ -138,9 +140,6 @@ class _LastBlock(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_a_caller_changing_the_output_in_place_leaves_the_cache_alone(backend):
-    import bcc
-    from bcc import Schedule
-
     model = _LastBlock()
     schedule = Schedule(torch.tensor([[True], [False], [False]]), ["head"])
     fast = bcc.compile(model, schedule, backend=backend, mode="output")
