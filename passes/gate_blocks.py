@@ -221,7 +221,7 @@ class GateBlocksPass(PassBase):
         lifted = len(gm.meta.get(WEIGHTS, ()))
         weights = set(placeholders[len(placeholders) - lifted:]) if lifted else set()
         first = placeholders[0]
-        returned = {storage_key(_val(a)) for a in graph.output_node().args[0] if isinstance(a, fx.Node)} - {None}
+        returned = [_val(a) for a in graph.output_node().args[0] if isinstance(a, fx.Node)]
         with graph.inserting_before(first):
             schedule = graph.placeholder("bcc_schedule")
             step = graph.placeholder("bcc_step")
@@ -288,7 +288,7 @@ class GateBlocksPass(PassBase):
                         k += 1
                     elif self.scale_shift:
                         new.append(graph.call_function(aten.where.self, (pred, getters[j], plan.caches[j])))
-                    elif storage_key(_val(plan.sub.graph.output_node().args[0][j])) in returned:
+                    elif _aliases(_val(plan.sub.graph.output_node().args[0][j]), returned):
                         # The caller gets this tensor too, and may change it in place.
                         new.append(graph.call_function(aten.clone.default, (getters[j],),
                                                        {"memory_format": torch.contiguous_format}))

@@ -42,8 +42,8 @@ def run(model, inputs):
         return [first_tensor(model(*a, **k)) for a, k in inputs]
 
 
-def reference_outputs(model, schedule, inputs, mode="residual"):
-    ref = HookReference(model, schedule, mode=mode)
+def reference_outputs(model, schedule, inputs, mode="residual", scale_shift=None):
+    ref = HookReference(model, schedule, mode=mode, scale_shift=scale_shift)
     try:
         return run(model, inputs)
     finally:
