@@ -19,7 +19,7 @@ from bcc.errors import BccError, BccInternalError, ErrorCode
 from bcc.lower.export import ExportedDenoiser, export, load_exported, save_exported
 from bcc.plan.profile import ChangeProfile
 from bcc.runtime.module import BccModule
-from bcc.runtime.stepper import CallCounter, StepRef, TrajectoryMarker
+from bcc.lower.stepper import CallCounter, StepRef, TrajectoryMarker
 from bcc.scale_shift.params import ScaleShift
 from bcc.plan.schedule import Schedule
 

@@ -9,6 +9,7 @@ import torch
 from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions
 from bcc.capture.graph import capture
 from bcc.capture.scheduler import is_pipeline
+from bcc.capture.signature import split_example_inputs
 from bcc.config import BccConfig
 from bcc.errors import BccError, ErrorCode
 from bcc.plan.budget import Plan
@@ -47,7 +48,7 @@ def find_blocks(
         >>> find_blocks(Net(), ((torch.ones(1, 4),), {}), blocks="layers.*")
         ['layers.0', 'layers.1']
     """
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_example_inputs(example_inputs)
     return [b.name for b in find_block_regions(capture(model, args, kwargs).gm, blocks)]
 
 
@@ -167,14 +168,3 @@ def compile(  # noqa: A001 - the verb users expect, like torch.compile
     return BccModule(model, schedule, cfg, blocks, scale_shift)
 
 
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if (
-        isinstance(example_inputs, tuple)
-        and len(example_inputs) == 2
-        and isinstance(example_inputs[0], tuple)
-        and isinstance(example_inputs[1], dict)
-    ):
-        return example_inputs
-    if isinstance(example_inputs, tuple):
-        return example_inputs, {}
-    return (example_inputs,), {}

@@ -24,21 +24,20 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from bcc.errors import BccInternalError
-from bcc.passes.annotate_blocks import BLOCKS
+from bcc.passes.annotate_blocks import BLOCKS, META
 from bcc.passes.gate_blocks import SLOTS
 
 __all__ = ["SpecializeRowPass", "specialized"]
 
 
-def _block_index(cond: fx.Node) -> int:
-    # GateBlocksPass makes each predicate ``select(row, 0, i)``; OwnPredicatesPass wraps
-    # it in ``eq(..., True)``.
-    pred = cond.args[0]
-    if isinstance(pred, fx.Node) and pred.target is torch.ops.aten.eq.Scalar:
-        pred = pred.args[0]
-    if not (isinstance(pred, fx.Node) and pred.target is torch.ops.aten.select.int):
-        raise BccInternalError(f"cond {cond.name} has no schedule-column predicate")
-    return int(pred.args[2])
+def _block_index(gm: fx.GraphModule, cond: fx.Node) -> int:
+    # GateBlocksPass records the block's name on its cond, and the block's index is its
+    # position in gm.meta[BLOCKS] (the schedule column it reads).
+    name = cond.meta.get(META)
+    names = list(gm.meta[BLOCKS])
+    if name not in names:
+        raise BccInternalError(f"cond {cond.name} names no gated block ({name!r})")
+    return names.index(name)
 
 
 def _cache_outputs(gm: fx.GraphModule, n_outputs: int) -> dict[int, list[tuple[int, int]]]:
@@ -91,7 +90,7 @@ class SpecializeRowPass(PassBase):
         outs = list(out_node.args[0])
         slots = _cache_outputs(gm, len(outs))
         for cond in conds:
-            i = _block_index(cond)
+            i = _block_index(gm, cond)
             if i >= len(self.row):
                 raise BccInternalError(f"row has {len(self.row)} entries, the graph gates block {i}")
             branch = cond.args[1 if self.row[i] else 2]

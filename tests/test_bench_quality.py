@@ -4,6 +4,7 @@ import torch
 
 import bcc
 from bcc.tools.bench import quality
+from bcc.tools.bench.resume import Resume
 from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler
 
 
@@ -44,7 +45,7 @@ def test_interrupted_quality_run_resumes_where_it_stopped(tmp_path, monkeypatch)
     assert second["rows"] == first["rows"] and second["speedup"] == first["speedup"]
     assert torch.load(kept / "cached_seed0.pt").shape[0] == 10
     # Other parameters are another experiment: what was kept is dropped.
-    state = quality._Resume(tmp_path / "partial", "unet_ddim3", {"n": 30})
+    state = Resume(tmp_path / "partial", "unet_ddim3", {"n": 30})
     assert state.get("timing") is None and not list(kept.glob("*.pt")) and state.file("schedule.json") is None
 
 
@@ -86,7 +87,7 @@ def test_resume_state_from_before_scale_shift_had_its_own_key_is_kept(tmp_path):
     (d / "state.json").write_text(json.dumps({"params": {"n": 10, "ss": [150, "table", "final", 1, False]},
                                               "timing": {"speedup": {"cached": 1.3}}}))
     ss = {"iterations": 150, "kind": "table", "loss": "final", "groups": 1, "guided": False, "lr": 5e-3}
-    state = quality._Resume(tmp_path, "unet_ddim50", {"n": 10}, ss)
+    state = Resume(tmp_path, "unet_ddim50", {"n": 10}, ss)
     assert state.file("baseline_seed0.pt") is not None and state.get("timing") == {"speedup": {"cached": 1.3}}
 
 
@@ -224,3 +225,48 @@ def test_a_searched_region_row_samples_the_region_schedule(tmp_path, monkeypatch
     # alone would not, hence 5 steps at budget 0.6).
     base = torch.load(tmp_path / "partial" / "unet_ddim5" / "baseline_seed0.pt")
     assert not torch.allclose(got, base, atol=1e-3)
+
+
+@pytest.mark.slow  # a whole (tiny) quality run twice, a search included
+def test_the_searched_schedule_gets_scale_shift_of_its_own(tmp_path, monkeypatch):
+    calls = {"train": [], "time": []}
+    real_train = quality.bcc.train_scale_shift
+
+    def train(model, schedule, *args, **kwargs):
+        calls["train"].append(schedule.block_names)
+        return real_train(model, schedule, *args, **kwargs)
+
+    def fake_time(models, run, labels, repeats):
+        calls["time"].append(sorted(models))
+        return {k: {"plain": 1.5, "bcc_plan": 1.0, "bcc_plan_ss": 1.1}.get(k, 1.2) for k in models}
+
+    real_search = bcc.search_schedule
+
+    def region_only(fast, run, profile, budget, **kw):  # a short search: one span, one family
+        span = bcc.region(profile.block_names[0], profile.block_names[-1])
+        return real_search(fast, run, profile, budget, **{**kw, "families": ("region",), "regions": [span]})
+
+    monkeypatch.setattr(quality.bcc, "search_schedule", region_only)
+    monkeypatch.setattr(quality.bcc, "train_scale_shift", train)
+    monkeypatch.setattr(quality.bcc.CostModel, "measure", lambda fast, run, profile, repeats=3: bcc.CostModel(
+        profile.block_names, profile.block_flops, profile.rest_flops, "flops", {"fit_max_rel_error": 0.0}))
+    monkeypatch.setattr(quality, "_time", fake_time)
+    (tmp_path / "out").mkdir()
+    kw = dict(n=10, seeds=[0], budget=0.6, blocks=quality.ALL_BLOCKS, guidance=3.0, chunk=10, repeats=1,
+              out_dir=tmp_path / "out", log=lambda msg: None, rows=("baseline", "planned", "planned_ss"),
+              resume=tmp_path / "partial", ss_iterations=2, ss_loss="final")
+    first = quality.bench_config("unet", "ddim", 5, **kw)
+    planned = bcc.Schedule.load(tmp_path / "out" / "unet_ddim5_planned_schedule.json")
+    ss = bcc.ScaleShift.load(tmp_path / "out" / "unet_ddim5_planned_scale_shift.safetensors")
+    assert calls["train"] == [planned.block_names]
+    ss.check_compatible(planned)  # trained for the searched schedule (BCC505 otherwise)
+    assert first["speedup"]["planned_ss"] == 1.5 / 1.1 and first["planned_scale_shift"]["overhead"] == pytest.approx(0.1)
+    kept = tmp_path / "partial" / "unet_ddim5"
+    corrected, uncorrected = (torch.load(kept / f"{k}_seed0.pt") for k in ("planned_ss", "planned"))
+    assert not torch.equal(corrected, uncorrected)  # the corrections reached the samples
+    # New training parameters: only the corrected row is trained, timed and sampled again.
+    second = quality.bench_config("unet", "ddim", 5, **{**kw, "ss_lr": 1e-3})
+    assert len(calls["train"]) == 2 and calls["time"][-1] == ["bcc_plan", "bcc_plan_ss", "plain"]
+    assert second["rows"]["planned"] == first["rows"]["planned"] and second["planned_scale_shift"]["lr"] == 1e-3
+    assert "| unet | ddim-5 | cached + scale-shift (searched) | 5 |" in quality.markdown(
+        [second], {"real_vs_real_2500": [0.6, 0.1]}, ["cmd"])

@@ -264,3 +264,26 @@ def test_tooling_imports_public_names_only():
     problems += [p for importer, path in _tooling_files().items() for p in private_attributes(importer, path)]
     assert not problems, ("tooling must use public names (in the module's __all__ or bcc.__all__); make these "
                           "public or stop using them:\n" + "\n".join("  " + p for p in problems))
+
+
+# The compiler's stages, earliest first (README "How the code is laid out"): a module may
+# import its own stage or an earlier one, never a later one. errors, config and _io sit
+# below every stage; bcc.api and the package itself above.
+STAGES = ["capture", "analyze", "plan", "scale_shift", "passes", "lower", "runtime", "api"]
+
+
+def _stage(module: str) -> str | None:
+    if module == "bcc.passes" or module.startswith("bcc.passes."):
+        return "passes"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in STAGES else None
+
+
+def test_stages_import_earlier_stages_only():
+    assert {_stage(m) for m in MODULES} >= set(STAGES)  # the scan sees every stage
+    bad = []
+    for imp in library_imports():
+        here, there = _stage(imp.importer), _stage(imp.target)
+        if here is not None and there is not None and STAGES.index(there) > STAGES.index(here):
+            bad.append(f"{imp.importer}:{imp.line} ({here}) imports {imp.target} ({there})")
+    assert not bad, "a stage imports a later one (" + " -> ".join(STAGES) + "):\n" + "\n".join("  " + b for b in bad)

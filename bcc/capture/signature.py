@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from bcc.errors import BccError, ErrorCode
 
-__all__ = ["Signature", "TensorLeaf", "ConstantLeaf", "signature_of", "diff"]
+__all__ = ["Signature", "TensorLeaf", "ConstantLeaf", "signature_of", "diff", "split_example_inputs"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,27 @@ def diff(old: Signature, new: Signature) -> str:
 
 def _kind(leaf: Leaf) -> str:
     return f"a {leaf.dtype} tensor {leaf.shape}" if isinstance(leaf, TensorLeaf) else leaf.value
+
+
+def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` of a call from what users pass as ``example_inputs``: one
+    tensor, a tuple of positional arguments, or an ``(args, kwargs)`` pair — the one
+    reading every entry point (``bcc.compile``, ``bcc.find_blocks``, ``bcc.export``) shares.
+
+    Example:
+        >>> import torch
+        >>> split_example_inputs(torch.ones(1))
+        ((tensor([1.]),), {})
+        >>> split_example_inputs(((torch.ones(1),), {"t": 3}))
+        ((tensor([1.]),), {'t': 3})
+    """
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple)
+        and isinstance(example_inputs[1], dict)
+    ):
+        return example_inputs
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    return (example_inputs,), {}

@@ -7,7 +7,7 @@ re-exports it to ATen with :func:`bcc.capture.graph.capture` (the module paths s
 the blocks get the same names as in ``bcc.compile``), runs the same pass list
 (:func:`bcc.passes.run_passes`) and compiles the result with inductor. It returns a
 :class:`BackendGraph`, which holds the trajectory in a
-:class:`bcc.runtime.stepper.Stepper`, as ``BccModule`` does.
+:class:`bcc.lower.stepper.Stepper`, as ``BccModule`` does.
 
 The backend is found by name without importing bcc (the ``torch_dynamo_backends``
 entry point in ``pyproject.toml``); importing bcc registers it too when bcc is not
@@ -37,7 +37,7 @@ from bcc.passes import PassConfig, run_passes
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
 from bcc.plan.schedule import Schedule
-from bcc.runtime.stepper import CacheSpec, Program, Stepper
+from bcc.lower.stepper import CacheSpec, Program, Stepper
 
 __all__ = ["bcc_backend", "BackendGraph"]
 
@@ -52,7 +52,7 @@ class BackendGraph:
     Dynamo calls it with the graph's inputs; each call is one step.
 
     Attributes:
-        stepper: the trajectory (:class:`bcc.runtime.stepper.Stepper`): ``state()``,
+        stepper: the trajectory (:class:`bcc.lower.stepper.Stepper`): ``state()``,
             ``reset()``, ``source``.
         graph: the rewritten graph (before inductor), for inspection.
         signature: the :class:`bcc.capture.signature.Signature` of Dynamo's example

@@ -64,7 +64,7 @@ class RowDispatch:
     """``strategy="specialize"``: one graph per distinct schedule row, built and compiled
     at the row's first use, chosen on the host from ``schedule[step]``.
 
-    The schedule and the step are CPU tensors (see :mod:`bcc.runtime.stepper`), so
+    The schedule and the step are CPU tensors (see :mod:`bcc.lower.stepper`), so
     reading the row costs no device sync. A new schedule's unseen rows compile on first use.
 
     **CUDA graphs** (``inductor_options={"triton.cudagraphs": True}``, what

@@ -7,7 +7,7 @@
 ``bcc_ss_step`` after the caches) and returns
 ``(*model output leaves, *new caches)``, so the trajectory state lives outside it and
 the artifact needs no Python to run (``torch.export.save`` or an AOTInductor package).
-:class:`ExportedDenoiser` holds that state in a :class:`bcc.runtime.stepper.Stepper`
+:class:`ExportedDenoiser` holds that state in a :class:`bcc.lower.stepper.Stepper`
 (the one ``bcc.compile`` uses) and is called like the original model.
 
 Everything in an exported program is static: batch size, resolution, dtype and device
@@ -35,7 +35,7 @@ import torch.utils._pytree as pytree
 from bcc._io import write_json
 from bcc.analyze.blocks import module_calls
 from bcc.capture.graph import capture, flatten_call
-from bcc.capture.signature import Signature, TensorLeaf, diff, signature_of
+from bcc.capture.signature import Signature, TensorLeaf, diff, signature_of, split_example_inputs
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.errors import BccError, BccInternalError, ErrorCode
 from bcc.passes import PassConfig, run_passes
@@ -43,7 +43,7 @@ from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
 from bcc.passes.lift_weights import WEIGHTS, fetch_attr
 from bcc.plan.schedule import Schedule
-from bcc.runtime.stepper import CacheSpec, Program, StepRef, Stepper
+from bcc.lower.stepper import CacheSpec, Program, StepRef, Stepper
 from bcc.scale_shift.params import ScaleShift
 
 __all__ = ["ExportMeta", "ExportedDenoiser", "export", "save_exported", "load_exported", "meta_path"]
@@ -163,13 +163,11 @@ def export(
         >>> [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
         ['bcc_schedule', 'bcc_step', 'bcc_cache_0_0', 'x']
     """
-    from bcc.api import _split_inputs
-
     if not isinstance(schedule, Schedule):
         raise BccError(ErrorCode.SCHEDULE_DTYPE,
                        f"schedule must be a bcc.Schedule, got {type(schedule).__name__}. Build one with "
                        "bcc.Schedule.every(n, steps, bcc.find_blocks(model, example_inputs)).")
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = split_example_inputs(example_inputs)
     captured = capture(model, args, kwargs)
     missing = sorted(set(schedule.block_names) - set(module_calls(captured.gm)))
     if missing:
@@ -276,7 +274,7 @@ class _Program(torch.nn.Module):
 class ExportedDenoiser:
     """Runs an exported bcc program step by step, called like the original model.
 
-    Holds the trajectory in a :class:`bcc.runtime.stepper.Stepper` (as
+    Holds the trajectory in a :class:`bcc.lower.stepper.Stepper` (as
     :func:`bcc.compile` does): by default the next call after the last step starts a new
     trajectory; :meth:`call_at` takes the step from pipeline code instead. Build it with
     :func:`load_exported` or :meth:`from_program`.

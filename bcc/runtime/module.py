@@ -2,7 +2,7 @@
 
 A :class:`BccModule` captures and compiles the model at the first call of each input
 signature; the trajectory (which step a call is, the caches carried between calls)
-is a :class:`bcc.runtime.stepper.Stepper`, whose contract is that module's docstring.
+is a :class:`bcc.lower.stepper.Stepper`, whose contract is that module's docstring.
 The step lives on the host, so choosing the schedule row costs no device sync.
 
 Where a call belongs comes from, in order: a trajectory marker
@@ -44,7 +44,7 @@ from bcc.passes import CacheSlot
 from bcc.plan.budget import Plan
 from bcc.plan.profile import model_fingerprint
 from bcc.plan.schedule import Schedule
-from bcc.runtime.stepper import CacheSpec, Program, StepRef, Stepper, TrajectoryMarker
+from bcc.lower.stepper import CacheSpec, Program, StepRef, Stepper, TrajectoryMarker
 from bcc.scale_shift.params import ScaleShift, channel_dim, table_rows
 
 __all__ = ["BccModule"]
@@ -83,7 +83,7 @@ class BccModule(torch.nn.Module):
     ``enable_freeu``, ...) go to the original model, so it can replace ``pipe.unet`` or
     ``pipe.transformer``. Build it with :func:`bcc.compile`.
 
-    Driving the steps (see :mod:`bcc.runtime.stepper` for the whole contract): a plain
+    Driving the steps (see :mod:`bcc.lower.stepper` for the whole contract): a plain
     call is the next step of a :class:`bcc.CallCounter`; ``with model.trajectory(steps=T,
     streams=k):`` marks one trajectory (needed by a Plan in a hand-written loop);
     ``bcc_call_at(StepRef(step=i, num_steps=T, stream=k), *args, **kwargs)`` runs the call
@@ -177,14 +177,14 @@ class BccModule(torch.nn.Module):
 
     @property
     def bcc_stepper(self) -> Stepper:
-        """The trajectory state (:class:`bcc.runtime.stepper.Stepper`): ``state()`` to
+        """The trajectory state (:class:`bcc.lower.stepper.Stepper`): ``state()`` to
         inspect it, ``source`` to choose where plain calls belong."""
         return self._bcc_stepper
 
     @property
     def bcc_locator(self) -> Any:
         """Where pipeline calls belong: an object with ``locate(args, kwargs) ->
-        bcc.runtime.stepper.Located`` and ``end()`` (set by ``bcc.compile(pipe, ...)``); None
+        bcc.lower.stepper.Located`` and ``end()`` (set by ``bcc.compile(pipe, ...)``); None
         for a model in a hand-written loop."""
         return self._bcc_locator
 

@@ -31,7 +31,7 @@ from bcc.capture.scheduler import GenerationTracker, pipeline_denoisers, timeste
 from bcc.capture.timestep import timestep_finder
 from bcc.errors import BccError, ErrorCode
 from bcc.runtime.module import BccModule
-from bcc.runtime.stepper import Located, StepRef
+from bcc.lower.stepper import Located, StepRef
 
 __all__ = ["PipelineLocator", "compile_pipeline"]
 

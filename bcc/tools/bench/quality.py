@@ -16,6 +16,7 @@ compute fraction. Floors: real-vs-real and seed-to-seed FD-digits.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import bcc
+from bcc.tools.bench.resume import SS_FILES, Resume
 from bcc.tools.digits import default_model_dir, load_digits, load_digits_model, make_grid, make_scheduler, sample
 from bcc.tools.metrics import distribution_report, fd_digits, paired_report
 
@@ -57,78 +59,8 @@ def _time(models: dict, run, labels, repeats):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss", "planned")
+ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss", "planned", "planned_ss")
 SEARCH_SEEDS = (1000, 1001)  # the searched row is scored on these, apart from the evaluation seeds
-
-
-class _Resume:
-    """What an interrupted run of one configuration already did (``--resume DIR``).
-
-    A 50-step configuration takes hours on two cores, longer than one working session,
-    so every finished phase (schedules, scale-shift, timings, each row's images per
-    seed) is kept under ``DIR/<config>/`` and skipped on the next run with the same
-    parameters. Other parameters start the configuration over.
-    """
-
-    def __init__(self, root: str | Path | None, key: str, params: dict, ss_params: dict | None = None):
-        self.dir = None if root is None else Path(root) / key
-        self.state: dict = {}
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        state = self.dir / "state.json"
-        old = json.loads(state.read_text()) if state.exists() else {}
-        if isinstance(old.get("params", {}).get("ss"), list):  # written before scale-shift had its own key
-            it, kind, loss, groups, guided = old["params"].pop("ss")
-            old["ss_params"] = {"iterations": it, "kind": kind, "loss": loss, "groups": groups, "guided": guided,
-                                "lr": 5e-3}
-        if old.get("params") != params:
-            for f in self.dir.iterdir():
-                f.unlink()
-            old = {"params": params}
-        elif old.get("ss_params") != ss_params:
-            # Only the scale-shift row depends on these: the schedules, the other rows'
-            # images and their timings stay.
-            for f in [self.dir / "scale_shift.safetensors", *self.dir.glob("cached_ss_seed*.pt")]:
-                f.unlink(missing_ok=True)
-            old.pop("scale_shift", None)
-            timing = old.get("timing") or {}
-            timing.get("speedup", {}).pop("cached_ss", None)
-            for k in ("bcc_ss", "plain_ss_run", "bcc_ss_run"):
-                timing.get("median_seconds", {}).pop(k, None)
-            timing.pop("overhead", None)
-        old["ss_params"] = ss_params
-        self.state = old
-        self._write()
-
-    def _write(self) -> None:
-        if self.dir is not None:
-            tmp = self.dir / ".state.json.tmp"
-            tmp.write_text(json.dumps(self.state, indent=1, default=str))
-            tmp.replace(self.dir / "state.json")
-
-    def get(self, name: str):
-        return self.state.get(name)
-
-    def put(self, name: str, value) -> None:
-        self.state[name] = value
-        self._write()
-
-    def file(self, name: str) -> Path | None:
-        """``DIR/<config>/name`` if an earlier run wrote it, else None."""
-        return self.dir / name if self.dir is not None and (self.dir / name).exists() else None
-
-    def keep(self, name: str) -> Path | None:
-        return None if self.dir is None else self.dir / name
-
-    def images(self, name: str, make) -> torch.Tensor:
-        if (f := self.file(name)) is not None:
-            return torch.load(f)
-        imgs = make()
-        if self.dir is not None:
-            torch.save(imgs, self.dir / f".{name}.tmp")
-            (self.dir / f".{name}.tmp").replace(self.dir / name)
-        return imgs
 
 
 def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chunk, repeats, out_dir, log,
@@ -138,7 +70,7 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     baseline always runs: every paired metric is against it). ``resume``: a folder
     where finished phases are kept, so an interrupted run continues (see ``_Resume``)."""
     rows = ("baseline",) + tuple(r for r in rows if r != "baseline")
-    res = _Resume(resume, f"{arch}_{solver}{steps}", {
+    res = Resume(resume, f"{arch}_{solver}{steps}", {
         "n": n, "seeds": list(seeds), "budget": budget, "blocks": blocks, "guidance": guidance, "chunk": chunk,
         "repeats": repeats}, {"iterations": ss_iterations, "kind": ss_kind, "loss": ss_loss, "groups": ss_groups,
                               "guided": ss_guided, "lr": ss_lr})
@@ -182,52 +114,47 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         step_schedule.save(out_dir / f"{arch}_{solver}{steps}_step_schedule.json")
         timed["bcc_step"] = bcc.compile(model, step_schedule)
         eager["cached_step"] = bcc.compile(model, step_schedule, backend="eager")
-    if "planned" in rows:
-        timed["bcc_plan"], eager["planned"] = _planned(res, result, model, profile or calibrated(), run_t, budget,
-                                                       chunk, repeats, log, out_dir / f"{arch}_{solver}{steps}")
+    if "planned" in rows or "planned_ss" in rows:
+        planned, timed["bcc_plan"], eager["planned"] = _planned(
+            res, result, model, profile or calibrated(), run_t, budget, chunk, repeats, log, out_dir / f"{arch}_{solver}{steps}")
+    train = functools.partial(_scale_shift, res, model, run_t, log, out_dir / f"{arch}_{solver}{steps}", dict(
+        iterations=ss_iterations, kind=ss_kind, loss=ss_loss, lr=ss_lr, groups=ss_groups,
+        guidance_scale=guidance if ss_guided else None))
     if "cached_ss" in rows:
-        if res.file("scale_shift.safetensors") and res.get("scale_shift"):
-            ss = bcc.ScaleShift.load(res.file("scale_shift.safetensors"))
-            result["scale_shift"] = dict(res.get("scale_shift"))
-        else:
-            log(f"   training scale-shift ({ss_kind}, {ss_loss} loss{', guided' if ss_guided else ''}, "
-                f"groups {ss_groups}, {ss_iterations} trajectories of 8)")
-            t0 = time.perf_counter()
-            ss = bcc.train_scale_shift(model, schedule,
-                                       lambda m, label, seed: run_t(m, [label] * 8, seed, grad=ss_loss == "final"),
-                                       list(range(10)), iterations=ss_iterations, kind=ss_kind, loss=ss_loss,
-                                       lr=ss_lr, seed=5000, progress=False, groups=ss_groups,
-                                       guidance_scale=guidance if ss_guided else None)
-            result["scale_shift"] = {
-                "kind": ss_kind, "loss": ss_loss, "groups": ss_groups, "guided_loss": ss_guided,
-                "iterations": ss_iterations, "lr": ss_lr, "train_seconds": time.perf_counter() - t0,
-                "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{ss_loss}"],
-                "loss_first10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[:10]),
-                "loss_last10": statistics.mean(h[f"loss_{ss_loss}"] for h in ss.history[-10:])}
-            if res.dir is not None:
-                ss.save(res.keep("scale_shift.safetensors"))
-                res.put("scale_shift", result["scale_shift"])
-        ss.save(out_dir / f"{arch}_{solver}{steps}_scale_shift.safetensors")
+        result["scale_shift"], ss = train("cached_ss", schedule)
         timed["bcc_ss"] = bcc.compile(model, schedule, scale_shift=ss)
         eager["cached_ss"] = bcc.compile(model, schedule, backend="eager", scale_shift=ss)
+    if "planned_ss" in rows:
+        # The searched schedule with corrections trained for it: a region's correction is
+        # fitted to the region's cached residual as a block's is.
+        result["planned_scale_shift"], ss_plan = train("planned_ss", planned)
+        timed["bcc_plan_ss"] = bcc.compile(model, planned, scale_shift=ss_plan)
+        eager["planned_ss"] = bcc.compile(model, planned, backend="eager", scale_shift=ss_plan)
     timing = res.get("timing")
     if timing is None:
         timing = _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log,
                                 lambda k: _sampler(model, conditioner, make_scheduler(solver, train_sched), k, guidance))
         res.put("timing", timing)
-    elif "cached_ss" in rows and "cached_ss" not in timing["speedup"]:
-        # New scale-shift parameters on a resumed run: time it against the same two models
-        # again; the other rows' timings (and the fewer-steps count) are kept.
-        timed.setdefault("bcc", bcc.compile(model, schedule))
-        med = _time({k: timed[k] for k in ("plain", "bcc", "bcc_ss")}, run_t, list(range(10)) * 2, repeats)
-        timing["speedup"]["cached_ss"] = med["plain"] / med["bcc_ss"]
-        timing["median_seconds"].update(bcc_ss=med["bcc_ss"], plain_ss_run=med["plain"], bcc_ss_run=med["bcc"])
-        timing["overhead"] = med["bcc_ss"] / med["bcc"] - 1
-        res.put("timing", timing)
+    for row, base in (("cached_ss", "bcc"), ("planned_ss", "bcc_plan")):
+        if row in rows and row not in timing["speedup"]:
+            # New scale-shift parameters on a resumed run: time that row against the plain
+            # model and its uncorrected schedule again; the other rows' timings (and the
+            # fewer-steps count) are kept.
+            key = SS_FILES[row][2][0]
+            if base == "bcc":
+                timed.setdefault("bcc", bcc.compile(model, schedule))
+            med = _time({k: timed[k] for k in ("plain", base, key)}, run_t, list(range(10)) * 2, repeats)
+            timing["speedup"][row] = med["plain"] / med[key]
+            timing["median_seconds"].update({key: med[key], SS_FILES[row][2][1]: med["plain"],
+                                             SS_FILES[row][2][2]: med[base]})
+            timing["overhead" if row == "cached_ss" else "overhead_planned"] = med[key] / med[base] - 1
+            res.put("timing", timing)
     result["median_seconds"].update(timing["median_seconds"])
     result["speedup"].update(timing["speedup"])
     if "overhead" in timing:
         result["scale_shift"]["overhead"] = timing["overhead"]
+    if "overhead_planned" in timing:
+        result["planned_scale_shift"]["overhead"] = timing["overhead_planned"]
     if "fewer_steps" in timing:
         result["fewer_steps"] = fewer = timing["fewer_steps"]
         run_f = _sampler(model, conditioner, make_scheduler(solver, train_sched), fewer, guidance)
@@ -257,9 +184,36 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
     return result
 
 
+def _scale_shift(res, model, run_t, log, stem, params, row, schedule):
+    """Scale-shift for ``schedule`` (row ``row``'s), trained by distillation or kept from an
+    earlier run; its training record and the parameters."""
+    key, name, _ = SS_FILES[row]
+    if res.file(name) and res.get(key):
+        ss, record = bcc.ScaleShift.load(res.file(name)), dict(res.get(key))
+    else:
+        guided = params["guidance_scale"] is not None
+        log(f"   training scale-shift for the {row} row ({params['kind']}, {params['loss']} loss"
+            f"{', guided' if guided else ''}, groups {params['groups']}, {params['iterations']} trajectories of 8)")
+        t0 = time.perf_counter()
+        ss = bcc.train_scale_shift(model, schedule, lambda m, label, seed: run_t(m, [label] * 8, seed,
+                                                                              grad=params["loss"] == "final"),
+                                   list(range(10)), seed=5000, progress=False, **params)
+        loss = params["loss"]
+        record = {"kind": params["kind"], "loss": loss, "groups": params["groups"], "guided_loss": guided,
+                  "iterations": params["iterations"], "lr": params["lr"], "train_seconds": time.perf_counter() - t0,
+                  "parameters": ss.num_parameters(), "loss_first": ss.history[0][f"loss_{loss}"],
+                  "loss_first10": statistics.mean(h[f"loss_{loss}"] for h in ss.history[:10]),
+                  "loss_last10": statistics.mean(h[f"loss_{loss}"] for h in ss.history[-10:])}
+        if res.dir is not None:
+            ss.save(res.keep(name))
+            res.put(key, record)
+    ss.save(f"{stem}_{name}")
+    return record, ss
+
+
 def _planned(res, result, model, profile, run_t, budget, chunk, repeats, log, stem):
     """The searched row: :func:`bcc.search_schedule` at the budget of a cost model measured
-    on the compiled model, scored on :data:`SEARCH_SEEDS`; the compiled and eager models."""
+    on the compiled model, scored on :data:`SEARCH_SEEDS`; the schedule, its compiled and eager models."""
     fast = bcc.compile(model, bcc.Schedule.all_compute(profile.num_steps, profile.block_names))
     if res.file("planned_schedule.json") and res.get("search"):
         planned = bcc.Schedule.load(res.file("planned_schedule.json"))
@@ -286,7 +240,7 @@ def _planned(res, result, model, profile, run_t, budget, chunk, repeats, log, st
                               blocks=list(planned.block_names), progress=False)
     fast.set_schedule(planned)
     result["compute_fraction_planned"] = planned.compute_fraction(flops.block_flops, flops.rest_flops)
-    return fast, bcc.compile(model, planned, backend="eager")
+    return planned, fast, bcc.compile(model, planned, backend="eager")
 
 
 def _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log, sampler_at) -> dict:
@@ -295,11 +249,14 @@ def _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log, sampl
     speed_labels = list(range(10)) * 2
     med = _time(timed, run_t, speed_labels, repeats)
     out = {"median_seconds": dict(med), "speedup": {}}
-    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss"), ("bcc_plan", "planned")):
+    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss"), ("bcc_plan", "planned"),
+                      ("bcc_plan_ss", "planned_ss")):
         if key in med:
             out["speedup"][name] = med["plain"] / med[key]
     if "bcc_ss" in med and "bcc" in med:
         out["overhead"] = med["bcc_ss"] / med["bcc"] - 1
+    if "bcc_plan_ss" in med and "bcc_plan" in med:
+        out["overhead_planned"] = med["bcc_plan_ss"] / med["bcc_plan"] - 1
     if "fewer" in rows:
         # Fewer steps at the measured cost of caching: the searched schedule's when measured,
         # else the per-block one's, else the step-level one's.
@@ -344,7 +301,8 @@ def _write_report(out_dir: Path, report: dict) -> str:
     return md
 
 
-_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer", "planned": "bcc_plan"}
+_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer", "planned": "bcc_plan",
+               "planned_ss": "bcc_plan_ss"}
 
 
 def _only_rows(new: dict, rows, source: str, note: str | None) -> dict:
@@ -462,6 +420,8 @@ def markdown(results, floor, commands, threads=None):
                  r.get("compute_fraction_step")),
                 ("cached + scale-shift (per-block)", "cached_ss", r["steps"], sp.get("cached_ss"), r.get("compute_fraction")),
                 ("cached (searched schedule)", "planned", r["steps"], sp.get("planned"),
+                 r.get("compute_fraction_planned")),
+                ("cached + scale-shift (searched)", "planned_ss", r["steps"], sp.get("planned_ss"),
                  r.get("compute_fraction_planned"))):
             if key not in r["rows"]:
                 continue
@@ -493,18 +453,21 @@ def markdown(results, floor, commands, threads=None):
                          f"measured cost (fit within {r['search'].get('cost_fit_max_rel_error', float('nan')):.1%}), "
                          f"{ch['psnr_db']:.1f} dB on search seeds {r['search']['seeds']} "
                          f"({len(r['search']['tried'])} schedules scored).")
-        t = r.get("scale_shift")
-        if not t:
-            continue
-        how = (" on the guided prediction" if t.get("guided_loss") else "") + (
-            f", a correction per guidance half" if t.get("groups", 1) == 2 else "")
-        how += f", lr {t['lr']:g}" if t.get("lr", 5e-3) != 5e-3 else ""
-        lines.append(f"  Scale-shift: {t['kind']} form, {t['loss']} loss{how}, {t['iterations']} trajectories, "
-                     f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
-                     f"{_loss_trend(t)}; "
-                     f"time per trajectory vs naive caching {t.get('overhead', float('nan')):+.1%}.")
-        if t.get("note"):
-            lines.append(f"  Note: {t['note']}")
+        for key, what, against in (("scale_shift", "Scale-shift", "naive caching"),
+                                    ("planned_scale_shift", "Scale-shift for the searched schedule",
+                                     "the searched schedule without it")):
+            t = r.get(key)
+            if not t:
+                continue
+            how = (" on the guided prediction" if t.get("guided_loss") else "") + (
+                f", a correction per guidance half" if t.get("groups", 1) == 2 else "")
+            how += f", lr {t['lr']:g}" if t.get("lr", 5e-3) != 5e-3 else ""
+            lines.append(f"  {what}: {t['kind']} form, {t['loss']} loss{how}, {t['iterations']} trajectories, "
+                         f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
+                         f"{_loss_trend(t)}; "
+                         f"time per trajectory vs {against} {t.get('overhead', float('nan')):+.1%}.")
+            if t.get("note"):
+                lines.append(f"  Note: {t['note']}")
     return "\n".join(lines) + "\n"
 
 

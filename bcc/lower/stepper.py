@@ -1,4 +1,4 @@
-"""runtime: the one trajectory stepper, shared by ``bcc.compile``, the backend and exports.
+"""The one trajectory stepper, shared by ``bcc.compile``, the backend and exports.
 
 Every bcc lowering ends in a flat *program*: ``fn(schedule, step, *caches, *extra,
 *tensors) -> (*outputs, *new caches)``. The program is pure; the trajectory (which
