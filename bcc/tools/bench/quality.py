@@ -5,7 +5,8 @@ fewer steps T' with the same *measured* cost as caching; and naive caching with 
 automatic schedule (Eq. 7 at a compute budget); and caching with scale-shift
 trained by distillation for that schedule (``bcc.train_scale_shift``); and the schedule
 ``bcc.search_schedule`` finds at the same budget of measured time (``planned``: scored on
-seeds apart from the evaluation ones; the fewer-steps row then matches its measured speed). Each row: FD-digits against the 5,000
+seeds apart from the evaluation ones; the fewer-steps row then matches its measured speed);
+and that searched schedule with scale-shift trained for it (``planned_ss``). Each row: FD-digits against the 5,000
 real digits (mean ± sd over seeds; NOT Inception FID), class accuracy, precision /
 recall, paired PSNR / SSIM / label flips against the baseline from the same noise,
 measured speedup (compiled models, alternating runs, medians) and the predicted
@@ -68,7 +69,7 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
                  rows=ROWS, resume=None):
     """One configuration of the table; ``rows`` picks which rows to measure (the
     baseline always runs: every paired metric is against it). ``resume``: a folder
-    where finished phases are kept, so an interrupted run continues (see ``_Resume``)."""
+    where finished phases are kept, so an interrupted run continues (see :class:`bcc.tools.bench.resume.Resume`)."""
     rows = ("baseline",) + tuple(r for r in rows if r != "baseline")
     res = Resume(resume, f"{arch}_{solver}{steps}", {
         "n": n, "seeds": list(seeds), "budget": budget, "blocks": blocks, "guidance": guidance, "chunk": chunk,
