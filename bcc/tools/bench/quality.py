@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import bcc
-from bcc.tools.bench.resume import SS_FILES, Resume
+from bcc.tools.bench.resume import SS_ROWS, Resume
 from bcc.tools.digits import default_model_dir, load_digits, load_digits_model, make_grid, make_scheduler, sample
 from bcc.tools.metrics import distribution_report, fd_digits, paired_report
 
@@ -141,14 +141,14 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
             # New scale-shift parameters on a resumed run: time that row against the plain
             # model and its uncorrected schedule again; the other rows' timings (and the
             # fewer-steps count) are kept.
-            key = SS_FILES[row][2][0]
+            kept = SS_ROWS[row]
             if base == "bcc":
                 timed.setdefault("bcc", bcc.compile(model, schedule))
-            med = _time({k: timed[k] for k in ("plain", base, key)}, run_t, list(range(10)) * 2, repeats)
-            timing["speedup"][row] = med["plain"] / med[key]
-            timing["median_seconds"].update({key: med[key], SS_FILES[row][2][1]: med["plain"],
-                                             SS_FILES[row][2][2]: med[base]})
-            timing["overhead" if row == "cached_ss" else "overhead_planned"] = med[key] / med[base] - 1
+            med = _time({k: timed[k] for k in ("plain", base, kept.median)}, run_t, list(range(10)) * 2, repeats)
+            timing["speedup"][row] = med["plain"] / med[kept.median]
+            timing["median_seconds"].update({kept.median: med[kept.median], kept.plain_median: med["plain"],
+                                             kept.base_median: med[base]})
+            timing[kept.overhead] = med[kept.median] / med[base] - 1
             res.put("timing", timing)
     result["median_seconds"].update(timing["median_seconds"])
     result["speedup"].update(timing["speedup"])
@@ -188,7 +188,7 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
 def _scale_shift(res, model, run_t, log, stem, params, row, schedule):
     """Scale-shift for ``schedule`` (row ``row``'s), trained by distillation or kept from an
     earlier run; its training record and the parameters."""
-    key, name, _ = SS_FILES[row]
+    key, name = SS_ROWS[row].record, SS_ROWS[row].params_file
     if res.file(name) and res.get(key):
         ss, record = bcc.ScaleShift.load(res.file(name)), dict(res.get(key))
     else:

@@ -2,19 +2,41 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["Resume", "SS_FILES"]
+__all__ = ["Resume", "SS_ROWS", "ScaleShiftRow"]
 
-# What depends on the scale-shift training parameters, per row that trains one: its
-# parameters file, its images, its speedup and its median keys (the rest of a configuration
-# does not, and survives a change of them).
-SS_FILES = {
-    "cached_ss": ("scale_shift", "scale_shift.safetensors", ("bcc_ss", "plain_ss_run", "bcc_ss_run")),
-    "planned_ss": ("planned_scale_shift", "planned_scale_shift.safetensors",
-                   ("bcc_plan_ss", "plain_plan_ss_run", "bcc_plan_ss_run")),
+
+@dataclass(frozen=True)
+class ScaleShiftRow:
+    """What a row with trained scale-shift keeps, all of which depends on the training
+    parameters (the rest of a configuration does not, and survives a change of them).
+
+    Attributes:
+        record: the state (and result) key of its training record.
+        params_file: its parameters, in the configuration's folder.
+        median: its median trajectory time's key.
+        plain_median, base_median: the keys of the plain and uncorrected models' medians
+            when the row is timed again on its own (a resumed run with new parameters).
+        overhead: the timing key of its time relative to the uncorrected schedule.
+    """
+
+    record: str
+    params_file: str
+    median: str
+    plain_median: str
+    base_median: str
+    overhead: str
+
+
+SS_ROWS = {
+    "cached_ss": ScaleShiftRow("scale_shift", "scale_shift.safetensors", "bcc_ss", "plain_ss_run", "bcc_ss_run",
+                               "overhead"),
+    "planned_ss": ScaleShiftRow("planned_scale_shift", "planned_scale_shift.safetensors", "bcc_plan_ss",
+                                "plain_plan_ss_run", "bcc_plan_ss_run", "overhead_planned"),
 }
 
 
@@ -25,6 +47,15 @@ class Resume:
     so every finished phase (schedules, scale-shift, timings, each row's images per
     seed) is kept under ``DIR/<config>/`` and skipped on the next run with the same
     parameters. Other parameters start the configuration over.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> Resume(root, "unet_ddim50", {"n": 10}).put("timing", {"speedup": {"planned": 1.4}})
+        >>> Resume(root, "unet_ddim50", {"n": 10}).get("timing")
+        {'speedup': {'planned': 1.4}}
+        >>> Resume(root, "unet_ddim50", {"n": 20}).get("timing") is None  # another experiment
+        True
     """
 
     def __init__(self, root: str | Path | None, key: str, params: dict, ss_params: dict | None = None):
@@ -47,15 +78,14 @@ class Resume:
             # Only the scale-shift row depends on these: the schedules, the other rows'
             # images and their timings stay.
             timing = old.get("timing") or {}
-            for row, (key, params_file, medians) in SS_FILES.items():
-                for f in [self.dir / params_file, *self.dir.glob(f"{row}_seed*.pt")]:
+            for row, kept in SS_ROWS.items():
+                for f in [self.dir / kept.params_file, *self.dir.glob(f"{row}_seed*.pt")]:
                     f.unlink(missing_ok=True)
-                old.pop(key, None)
+                old.pop(kept.record, None)
                 timing.get("speedup", {}).pop(row, None)
-                for k in medians:
+                for k in (kept.median, kept.plain_median, kept.base_median):
                     timing.get("median_seconds", {}).pop(k, None)
-            timing.pop("overhead", None)
-            timing.pop("overhead_planned", None)
+                timing.pop(kept.overhead, None)
         old["ss_params"] = ss_params
         self.state = old
         self._write()
