@@ -61,6 +61,9 @@ def _time(models: dict, run, labels, repeats):
 
 
 ROWS = ("baseline", "fewer", "cached", "cached_step", "cached_ss", "planned", "planned_ss")
+# Each measured row's median-time key (the plain model's is "plain").
+_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer", "planned": "bcc_plan",
+               "planned_ss": "bcc_plan_ss"}
 SEARCH_SEEDS = (1000, 1001)  # the searched row is scored on these, apart from the evaluation seeds
 
 
@@ -136,12 +139,12 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
         timing = _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log,
                                 lambda k: _sampler(model, conditioner, make_scheduler(solver, train_sched), k, guidance))
         res.put("timing", timing)
-    for row, base in (("cached_ss", "bcc"), ("planned_ss", "bcc_plan")):
+    for row, kept in SS_ROWS.items():
         if row in rows and row not in timing["speedup"]:
             # New scale-shift parameters on a resumed run: time that row against the plain
             # model and its uncorrected schedule again; the other rows' timings (and the
             # fewer-steps count) are kept.
-            kept = SS_ROWS[row]
+            base = kept.uncorrected
             if base == "bcc":
                 timed.setdefault("bcc", bcc.compile(model, schedule))
             med = _time({k: timed[k] for k in ("plain", base, kept.median)}, run_t, list(range(10)) * 2, repeats)
@@ -152,10 +155,9 @@ def bench_config(arch, solver, steps, *, n, seeds, budget, blocks, guidance, chu
             res.put("timing", timing)
     result["median_seconds"].update(timing["median_seconds"])
     result["speedup"].update(timing["speedup"])
-    if "overhead" in timing:
-        result["scale_shift"]["overhead"] = timing["overhead"]
-    if "overhead_planned" in timing:
-        result["planned_scale_shift"]["overhead"] = timing["overhead_planned"]
+    for kept in SS_ROWS.values():
+        if kept.overhead in timing:
+            result[kept.record]["overhead"] = timing[kept.overhead]
     if "fewer_steps" in timing:
         result["fewer_steps"] = fewer = timing["fewer_steps"]
         run_f = _sampler(model, conditioner, make_scheduler(solver, train_sched), fewer, guidance)
@@ -250,14 +252,12 @@ def _measure_speed(result, rows, timed, plain, run_t, steps, repeats, log, sampl
     speed_labels = list(range(10)) * 2
     med = _time(timed, run_t, speed_labels, repeats)
     out = {"median_seconds": dict(med), "speedup": {}}
-    for key, name in (("bcc", "cached"), ("bcc_step", "cached_step"), ("bcc_ss", "cached_ss"), ("bcc_plan", "planned"),
-                      ("bcc_plan_ss", "planned_ss")):
-        if key in med:
+    for name, key in _MEDIAN_KEY.items():
+        if name != "fewer" and key in med:
             out["speedup"][name] = med["plain"] / med[key]
-    if "bcc_ss" in med and "bcc" in med:
-        out["overhead"] = med["bcc_ss"] / med["bcc"] - 1
-    if "bcc_plan_ss" in med and "bcc_plan" in med:
-        out["overhead_planned"] = med["bcc_plan_ss"] / med["bcc_plan"] - 1
+    for kept in SS_ROWS.values():
+        if kept.median in med and kept.uncorrected in med:
+            out[kept.overhead] = med[kept.median] / med[kept.uncorrected] - 1
     if "fewer" in rows:
         # Fewer steps at the measured cost of caching: the searched schedule's when measured,
         # else the per-block one's, else the step-level one's.
@@ -300,10 +300,6 @@ def _write_report(out_dir: Path, report: dict) -> str:
     (out_dir / "quality.json").write_text(json.dumps(report, indent=1, default=str))
     (out_dir / "quality.md").write_text(md)
     return md
-
-
-_MEDIAN_KEY = {"cached": "bcc", "cached_step": "bcc_step", "cached_ss": "bcc_ss", "fewer": "fewer", "planned": "bcc_plan",
-               "planned_ss": "bcc_plan_ss"}
 
 
 def _only_rows(new: dict, rows, source: str, note: str | None) -> dict:

@@ -19,6 +19,7 @@ class ScaleShiftRow:
         record: the state (and result) key of its training record.
         params_file: its parameters, in the configuration's folder.
         median: its median trajectory time's key.
+        uncorrected: the timing key of the same schedule without scale-shift.
         plain_median, base_median: the keys of the plain and uncorrected models' medians
             when the row is timed again on its own (a resumed run with new parameters).
         overhead: the timing key of its time relative to the uncorrected schedule.
@@ -27,15 +28,16 @@ class ScaleShiftRow:
     record: str
     params_file: str
     median: str
+    uncorrected: str
     plain_median: str
     base_median: str
     overhead: str
 
 
 SS_ROWS = {
-    "cached_ss": ScaleShiftRow("scale_shift", "scale_shift.safetensors", "bcc_ss", "plain_ss_run", "bcc_ss_run",
-                               "overhead"),
-    "planned_ss": ScaleShiftRow("planned_scale_shift", "planned_scale_shift.safetensors", "bcc_plan_ss",
+    "cached_ss": ScaleShiftRow("scale_shift", "scale_shift.safetensors", "bcc_ss", "bcc", "plain_ss_run",
+                               "bcc_ss_run", "overhead"),
+    "planned_ss": ScaleShiftRow("planned_scale_shift", "planned_scale_shift.safetensors", "bcc_plan_ss", "bcc_plan",
                                 "plain_plan_ss_run", "bcc_plan_ss_run", "overhead_planned"),
 }
 
