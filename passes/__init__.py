@@ -171,9 +171,11 @@ def run_passes(gm: fx.GraphModule, config: PassConfig) -> fx.GraphModule:
     return out
 
 
-def specialize(gm: fx.GraphModule, row: Sequence[bool], pass_through: bool = True) -> fx.GraphModule:
+def specialize(gm: fx.GraphModule, row: Sequence[bool], pass_through: bool = True,
+               write: Sequence[bool] | None = None) -> fx.GraphModule:
     """The branch-free graph of one schedule row: :class:`SpecializeRowPass` on a copy of
-    :func:`run_passes`'s result (which stays as it is; weights are shared).
+    :func:`run_passes`'s result (which stays as it is; weights are shared). ``write``:
+    which recomputed blocks' new caches are needed (None: all; see the pass's *Dead caches*).
 
     Example:
         >>> import torch
@@ -188,4 +190,4 @@ def specialize(gm: fx.GraphModule, row: Sequence[bool], pass_through: bool = Tru
         >>> sum(n.target is torch.ops.higher_order.cond for n in specialize(gm, [False]).graph.nodes)
         0
     """
-    return _run([SpecializeRowPass(row, pass_through)], specialized(gm))
+    return _run([SpecializeRowPass(row, pass_through, write)], specialized(gm))

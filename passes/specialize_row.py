@@ -14,6 +14,13 @@ next call.
 
 It is not in :data:`bcc.passes.DEFAULT_PASSES`: it runs per row, on a copy of their
 result, through :func:`bcc.passes.specialize`.
+
+**Dead caches.** A recomputed block's new cache is read only if the block is reused
+before it recomputes again. When the caller knows the next step's row (``write``: the
+blocks whose cache that row reads), a recomputed block the next row recomputes too
+returns its cache input unchanged instead of a new cache: no residual, no copy. The
+all-True row followed by another is then the plain model's graph. It is the stepper's
+to guarantee that such a stale cache is never read (:mod:`bcc.lower.stepper`, lookahead).
 """
 from __future__ import annotations
 
@@ -76,12 +83,18 @@ class SpecializeRowPass(PassBase):
         tensor([[6., 6.]])
     """
 
-    def __init__(self, row: Sequence[bool], pass_through: bool = True):
+    def __init__(self, row: Sequence[bool], pass_through: bool = True, write: Sequence[bool] | None = None):
         super().__init__()
         self.row = tuple(bool(b) for b in row)
         # False keeps the reuse branch's cache copies: under CUDA graphs an output that is a
         # static input buffer is not something bcc has verified inductor records.
         self.pass_through = pass_through
+        # Per block, whether a recomputed block's new cache is needed (None: all are).
+        self.write = None if write is None else tuple(bool(b) for b in write)
+        if self.write is not None and len(self.write) != len(self.row):
+            raise BccInternalError(f"write has {len(self.write)} entries, the row {len(self.row)}")
+        if self.write is not None and not pass_through:
+            raise BccInternalError("dead caches are left unwritten only where cache inputs may pass through")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -100,11 +113,13 @@ class SpecializeRowPass(PassBase):
             call.meta = dict(cond.meta)
             cond.replace_all_uses_with(call)
             graph.erase_node(cond)
-            if not self.row[i] and self.pass_through:
+            dead = self.row[i] and self.write is not None and not self.write[i]
+            if (not self.row[i] and self.pass_through) or dead:
                 # A reused block's caches leave unchanged: without a cond there is no aliasing
                 # rule to satisfy, so the graph returns the cache inputs themselves (a cond's
                 # first operands, one per slot) instead of copies, which dead-code elimination
-                # then drops.
+                # then drops. A dead cache (recomputed now and at the next step) leaves
+                # the same way: nothing reads it before it is overwritten.
                 for k, j in slots[i]:
                     outs[k] = operands[j]
         out_node.args = (tuple(outs),)

@@ -116,3 +116,82 @@ def test_compiled_one_graph_per_distinct_row_and_none_on_the_second_trajectory()
 def test_unknown_strategy_says_what_to_use():
     with pytest.raises(BccError, match="strategy must be one of"):
         bcc.BccConfig(strategy="cudagraph")
+
+
+# -- dead caches and gaps ----------------------------------------------------------------
+
+class _Chain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.b0, self.b1, self.b2 = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x, t):
+        return self.b2(torch.tanh(self.b1(self.b0(x) * t)))
+
+
+def _by_hand(net, mask, called, inputs):
+    """Output mode by hand: a reused block returns its last computed output; the first call
+    and the call after a skipped step compute every block."""
+    last, prev, outs = {}, None, []
+
+    def block(i, row, h):
+        if row[i]:
+            last[i] = getattr(net, f"b{i}")(h)
+        return last[i]
+
+    for s in called:
+        row = mask[s].tolist() if prev is not None and s == prev + 1 else [True] * 3
+        x, t = inputs[s]
+        outs.append(block(2, row, torch.tanh(block(1, row, block(0, row, x) * t))))
+        prev = s
+    return outs
+
+
+def test_dead_caches_leave_unwritten_and_the_all_true_row_is_the_plain_graph():
+    x, t = torch.randn(2, 4), torch.tensor(3.0)
+    gated = _gated(Toy(), (x, t), ["b0", "b1"])
+    written = SpecializeRowPass([True, True], write=[True, True])(specialized(gated)).graph_module
+    dead = SpecializeRowPass([True, True], write=[False, False])(specialized(gated)).graph_module
+    n = len(written.meta["bcc_cache_slots"])
+    get = "<built-in function getitem>"
+    # Each recomputed block's call gives its output and, where written and held as a
+    # residual, its new cache (the compiler drops the residual with the unused getitem).
+    assert _ops(written).count(get) > _ops(dead).count(get) == 2
+    assert all(o.op == "placeholder" for o in dead.graph.output_node().args[0][-n:])
+    caches = [torch.randn(2, 4), torch.randn(2, 4)]
+    got = dead(torch.ones(1, 2, dtype=torch.bool), torch.tensor(0), *caches, x, t)
+    want = written(torch.ones(1, 2, dtype=torch.bool), torch.tensor(0), *caches, x, t)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert all(g is c for g, c in zip(got[-n:], caches))
+    with pytest.raises(bcc.BccInternalError, match="pass through"):
+        SpecializeRowPass([True, True], pass_through=False, write=[False, False])
+
+
+@pytest.mark.parametrize("strategy", ["branch", "specialize"])
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_skipped_steps_and_dead_caches_equal_the_hand_reference(strategy, data):
+    net, T = _Chain(), 7
+    names = ["b0", "b1", "b2"]
+    schedule = random_schedule(data, names, T)
+    called = sorted(data.draw(st.sets(st.integers(0, T - 1), min_size=1)))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 9)))
+    inputs = [(torch.randn(2, 4, generator=gen), torch.tensor(1.0 - s / T)) for s in range(T)]
+    fast = bcc.compile(net, schedule, backend="eager", mode="output", strategy=strategy)
+    with torch.no_grad():
+        got = [fast.bcc_call_at(bcc.StepRef(step=s, num_steps=T, stream=0), *inputs[s]) for s in called]
+        want = _by_hand(net, schedule.mask, called, inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_a_row_gets_a_graph_per_set_of_caches_the_next_row_reads():
+    net, names = _Chain(), ["b0", "b1", "b2"]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    fast = bcc.compile(net, Schedule(mask, names), backend="eager", mode="output", strategy="specialize")
+    with torch.no_grad():
+        for s in range(6):
+            fast(torch.randn(2, 4), torch.tensor(1.0))
+    # all-True before all-True (no cache written), all-True before a reuse, all-False
+    assert fast.bcc_stats()["graphs"] == 3

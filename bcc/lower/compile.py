@@ -23,13 +23,16 @@ class Lowered:
     """A rewritten graph ready to run: ``fn(schedule, step, *caches, *scale_shift, *tensor_leaves)``.
 
     ``scale_shift`` is empty unless the graph was rewritten with scale-shift tables.
-    ``fn`` returns the model's output leaves followed by the new caches.
+    ``fn`` returns the model's output leaves followed by the new caches. ``lookahead``:
+    ``fn`` reads the next step's row as row 1 of its schedule window and skips dead
+    caches (:class:`bcc.lower.stepper.Program`'s ``lookahead``).
     """
 
     gm: fx.GraphModule
     fn: Callable[..., Any]
     block_names: tuple[str, ...]
     slots: tuple[CacheSlot, ...]
+    lookahead: bool = False
 
 
 def compile_graph(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
@@ -67,6 +70,12 @@ class RowDispatch:
     The schedule and the step are CPU tensors (see :mod:`bcc.lower.stepper`), so
     reading the row costs no device sync. A new schedule's unseen rows compile on first use.
 
+    With ``lookahead`` the schedule is the stepper's two-row window (this step, the next)
+    and a graph is kept per (row, caches the next row reads): a block recomputed now and
+    at the next step writes no cache (``SpecializeRowPass``'s dead caches), so the all-True
+    row followed by another is the plain model's graph. Not under CUDA graphs, whose
+    static cache buffers are copied whole after every call.
+
     **CUDA graphs** (``inductor_options={"triton.cudagraphs": True}``, what
     ``mode="reduce-overhead"`` turns on): a CUDA-graphed call returns tensors in the graph
     pool, and the next call of any compiled graph starts a new generation that overwrites
@@ -88,16 +97,23 @@ class RowDispatch:
         >>> schedule = torch.tensor([[True], [False]])
         >>> out, cache = rows(schedule, torch.tensor(1), torch.full((1, 2), 3.0), torch.ones(1, 2))
         >>> out, sorted(rows.variants)
-        (tensor([[3., 3.]]), [(False,)])
+        (tensor([[3., 3.]]), [((False,), (False,))])
+        >>> ahead = RowDispatch(gm, BccConfig(backend="eager", strategy="specialize"), lookahead=True)
+        >>> old = torch.full((1, 2), 3.0)
+        >>> _, kept = ahead(torch.tensor([[True], [True]]), torch.tensor(0), old, torch.ones(1, 2))
+        >>> kept is old  # recomputed now and next: the cache is dead, nothing written
+        True
     """
 
     _MAX_STATIC_SETS = 8  # cache sets kept (streams x recent trajectories); an evicted one is copied in again
 
-    def __init__(self, gm: fx.GraphModule, config: BccConfig):
+    def __init__(self, gm: fx.GraphModule, config: BccConfig, lookahead: bool = False):
         self.gm = gm
         self.config = config
-        self.variants: dict[tuple[bool, ...], Callable[..., Any]] = {}
+        # Per (row, whether each block's new cache is written): its compiled graph.
+        self.variants: dict[tuple[tuple[bool, ...], tuple[bool, ...]], Callable[..., Any]] = {}
         self.cudagraphs = RowDispatch.uses_cudagraphs(config)
+        self.lookahead = lookahead and not self.cudagraphs
         self._n_caches = len(gm.meta[SLOTS])
         # By the data pointers of the tensors handed back to the stepper: its detach()
         # makes new tensor objects, so the static-address mark must stay on these.
@@ -146,9 +162,13 @@ class RowDispatch:
 
     def __call__(self, schedule: torch.Tensor, step: torch.Tensor, *rest: Any) -> Any:
         row = tuple(schedule[int(step)].tolist())
-        fn = self.variants.get(row)
+        # A recomputed block's cache is needed only if the next step reuses the block.
+        write = tuple(not b for b in schedule[int(step) + 1].tolist()) if self.lookahead else row
+        fn = self.variants.get((row, write))
         if fn is None:
-            fn = self.variants[row] = compile_graph(specialize(self.gm, row, pass_through=not self.cudagraphs), self.config)
+            graph = specialize(self.gm, row, pass_through=not self.cudagraphs,
+                               write=write if self.lookahead else None)
+            fn = self.variants[(row, write)] = compile_graph(graph, self.config)
         if not self.cudagraphs:
             return fn(schedule, step, *rest)
         n = self._n_caches
@@ -174,9 +194,16 @@ class RowDispatch:
         return held
 
 
-def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shift: bool = False) -> Lowered:
-    """Gate ``names`` in ``captured`` (:func:`bcc.passes.run_passes`) and compile for ``config``."""
+def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shift: bool = False,
+          lookahead: bool = False) -> Lowered:
+    """Gate ``names`` in ``captured`` (:func:`bcc.passes.run_passes`) and compile for ``config``.
+
+    ``lookahead``: the caller's stepper can hand the next step's row (a window program);
+    ``strategy="specialize"`` then skips dead caches (``Lowered.lookahead`` says whether).
+    """
     RowDispatch.check_strategy(config)
     gm = run_passes(captured.gm, PassConfig(names=tuple(names), mode=config.mode, scale_shift=scale_shift))
-    fn = RowDispatch(gm, config) if config.strategy == "specialize" else compile_graph(gm, config)
-    return Lowered(gm, fn, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))
+    if config.strategy == "specialize":
+        rows = RowDispatch(gm, config, lookahead=lookahead)
+        return Lowered(gm, rows, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]), rows.lookahead)
+    return Lowered(gm, compile_graph(gm, config), tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))

@@ -28,7 +28,8 @@ The contract, for every source:
 * **The first call of a stream in a trajectory recomputes every block**, whatever its
   row says (its caches hold nothing of this trajectory). Row 0 of a schedule is
   all-True, so a trajectory that starts at step 0 runs as scheduled; one that starts
-  later (img2img) or a stream that joins late is still right.
+  later (img2img) or a stream that joins late is still right. So does its first call
+  after a skipped step (the schedule was chosen for consecutive steps; see *lookahead*).
 * A call at a step *earlier* than its stream's last, or of another step count, starts a
   new trajectory (all streams invalid), so an abandoned generation needs no clean-up;
   :meth:`Stepper.reset` (``model.bcc_reset()``) starts one explicitly, and pipeline code
@@ -47,6 +48,14 @@ too: the stepper hands it the one-row window ``schedule[step:step + 1]`` with st
 so the graph's input shapes do not depend on the number of steps and one compiled
 graph serves every step count (``bcc.compile`` does this; exported programs keep the
 ``[T, K]`` input their artifact was made with).
+
+A program with ``lookahead=True`` (``strategy="specialize"``) gets the two-row window
+``[schedule[step], schedule[step + 1]]`` (an all-True second row at the last step: no
+call after it reads a cache), and may leave a recomputed block's cache unwritten where
+the next row recomputes that block too (a dead cache). That is exact only if the
+stream's next call is the next step; and a schedule is chosen for consecutive steps
+anyway. So, for every program, **a stream that skips a step recomputes every block**
+at the call after the gap, as at its first call.
 """
 from __future__ import annotations
 
@@ -219,6 +228,9 @@ class Program:
         window: ``fn`` reads row 0 of its schedule only: it gets ``schedule[step:step + 1]``
             with step 0, so its input shapes are the same for every step count (no
             recompile for another T).
+        lookahead: with ``window``, ``fn`` gets the next step's row too (a ``[2, K]``
+            window) and may skip the caches that row does not read (the stepper
+            recomputes every block after a skipped step, for every program).
     """
 
     fn: Callable[..., Sequence[torch.Tensor]]
@@ -227,6 +239,11 @@ class Program:
     extra: tuple[torch.Tensor, ...] = ()
     schedule_input: bool = True
     window: bool = False
+    lookahead: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lookahead and not self.window:
+            raise BccInternalError("a lookahead Program reads a window of the schedule: set window=True")
 
     @property
     def num_steps(self) -> int:
@@ -283,8 +300,14 @@ def _feed(program: Program, old: _Feed | None) -> _Feed:
     if program.window:
         zero = torch.zeros((), dtype=torch.int64)
         ones = torch.ones_like(mask[:1])
-        heads = tuple((mask[s:s + 1].clone(),) for s in range(T))
-        fresh = ((ones,),) * T
+        if program.lookahead:
+            # After the last step nothing reads a cache: its "next row" recomputes everything.
+            nxt = [mask[s + 1:s + 2] if s + 1 < T else ones for s in range(T)]
+            heads = tuple((torch.cat([mask[s:s + 1], nxt[s]]),) for s in range(T))
+            fresh = tuple((torch.cat([ones, nxt[s]]),) for s in range(T))
+        else:
+            heads = tuple((mask[s:s + 1].clone(),) for s in range(T))
+            fresh = ((ones,),) * T
         return _Feed(program, heads, fresh, (zero,) * T, extras, full)
     steps = old.steps if old is not None and not old.program.window and len(old.steps) == T else \
         tuple(torch.tensor(s, dtype=torch.int64) for s in range(T))
@@ -469,14 +492,19 @@ class Stepper:
                     stream = self._streams[ref.stream] = _Stream(feed, caches)
                 elif stream.feed is not feed:
                     raise BccInternalError(f"stream {ref.stream} changed program in the middle of a trajectory")
-                fresh = stream.last is None and not feed.full_rows[ref.step]
+                # The schedule was chosen for consecutive steps, and a lookahead program
+                # leaves the caches the next step does not read unwritten: after a gap
+                # nothing cached is sure, so nothing is read.
+                gap = stream.last is not None and ref.step != stream.last + 1
+                fresh = (stream.last is None or gap) and not feed.full_rows[ref.step]
                 if fresh and not program.schedule_input:
                     raise BccError(
                         ErrorCode.STEP_MISMATCH,
                         f"stream {ref.stream} starts at step {ref.step}, whose row of the baked-in schedule "
                         "reuses blocks, but the stream has nothing cached yet. Start every stream at a step "
                         "that recomputes all blocks (step 0), or export with schedule_input=True.")
-                # Its caches hold nothing of this trajectory at a first call: recompute every block.
+                # Its caches hold nothing of this trajectory at a first call (or nothing
+                # sure after a gap): recompute every block.
                 head = feed.fresh[ref.step] if fresh else feed.heads[ref.step]
                 outs = program.fn(*head, feed.steps[ref.step], *stream.caches, *feed.extras[ref.step], *tensors)
                 n = len(outs) - len(stream.caches)

@@ -493,7 +493,10 @@ class BccModule(torch.nn.Module):
             names = self._present_blocks(captured)
         if follow.scale_shift is not None:
             follow.scale_shift.check_compatible(follow.fixed, self._orig_mod, self._bcc_config.mode)
-        lowered = lower(captured, names, self._bcc_config, scale_shift=follow.scale_shift is not None)
+        # The stepper hands this module's programs a window of the schedule, so the next
+        # step's row can come with it (specialised rows then skip dead caches).
+        lowered = lower(captured, names, self._bcc_config, scale_shift=follow.scale_shift is not None,
+                        lookahead=True)
         self._bcc_tensors = self._model_tensors()
         self._bcc_frozen = frozen_state(self._orig_mod)
         return _Entry(captured, lowered)
@@ -516,7 +519,7 @@ class BccModule(torch.nn.Module):
         index = [schedule.block_names.index(n) for n in lowered.block_names]
         return Program(lowered.fn, schedule.mask[:, index],
                        tuple(CacheSpec(s.shape, s.dtype, s.device) for s in lowered.slots), tuple(tables),
-                       window=True)
+                       window=True, lookahead=lowered.lookahead)
 
     def _model_tensors(self) -> tuple[tuple, ...]:
         # The tensors themselves are held (not just their ids) so that no new tensor can

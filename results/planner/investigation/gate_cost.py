@@ -28,8 +28,16 @@ ap.add_argument("--out", default=None, help="write the medians and ratios as JSO
 ap.add_argument("--regions", action="store_true",
                 help="time the branch graph with regions instead of the strategy/mode grid: all blocks as one "
                 "region, and on a UNet DeepCache's branch 0 as one region beside the blocks outside it")
+ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                help="an inductor option for plain and bcc alike, on top of bcc's defaults (VALUE is read as "
+                "JSON, e.g. --option cpp_wrapper=true)")
+ap.add_argument("--modes", nargs="+", default=["residual", "output"], help="cache modes of the strategy grid")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
+options = dict(DEFAULT_INDUCTOR_OPTIONS)
+for kv in args.option:
+    key, _, value = kv.partition("=")
+    options[key] = json.loads(value)
 w = build_workload(args.workload, steps=20, n=20)
 calls = []
 
@@ -43,22 +51,23 @@ class Recorder(torch.nn.Module):
 
 
 w.run(Recorder())
-plain = torch.compile(w.model, fullgraph=True, dynamic=False, options=dict(DEFAULT_INDUCTOR_OPTIONS))
+plain = torch.compile(w.model, fullgraph=True, dynamic=False, options=dict(options))
 variants = {"plain": plain}
 every = lambda n: bcc.Schedule(torch.ones(len(calls), len(n), dtype=torch.bool), n)  # noqa: E731
 if args.regions:
     names = bcc.find_blocks(w.model, calls[0], blocks=w.blocks)
-    variants["branch/blocks"] = bcc.compile(w.model, every(names))
-    variants["branch/span region"] = bcc.compile(w.model, every([bcc.region(names[0], names[-1])]))
+    variants["branch/blocks"] = bcc.compile(w.model, every(names), inductor_options=options)
+    variants["branch/span region"] = bcc.compile(w.model, every([bcc.region(names[0], names[-1])]),
+                                                 inductor_options=options)
     if hasattr(w.model, "down_blocks"):
         b0 = bcc.unet_branch(w.model, 0)
         inside = bcc.find_blocks(w.model, calls[0], blocks=[*names, b0])  # b0 and the blocks outside it
-        variants["branch/DeepCache b0 region"] = bcc.compile(w.model, every(inside))
+        variants["branch/DeepCache b0 region"] = bcc.compile(w.model, every(inside), inductor_options=options)
 else:
     for strategy in ("branch", "specialize"):
-        for mode in ("residual", "output"):
+        for mode in args.modes:
             variants[f"{strategy}/{mode}"] = bcc.compile(w.model, every, blocks=w.blocks, mode=mode,
-                                                         strategy=strategy)
+                                                         strategy=strategy, inductor_options=options)
 with torch.no_grad():
     for v in variants.values():  # compile outside the timing
         for a, k in calls:
@@ -82,4 +91,5 @@ for name, ts in times.items():
 if args.out:
     with open(args.out, "w") as f:
         json.dump({"workload": w.describe, "threads": args.threads, "trajectories": args.trajectories,
+                   "inductor_options": options,
                    "variants": report}, f, indent=1)
