@@ -49,7 +49,8 @@ class BccConfig:
             every schedule. ``"specialize"`` compiles one branch-free graph per distinct
             schedule row (at its first use), picked on the host each step: no branches,
             fusion across block boundaries, capturable by CUDA graphs, but one compile per
-            distinct row.
+            distinct row — per row and the caches the next row reads, since a cache
+            nothing reads before the block recomputes is not written.
         version: format version of this config when saved beside an artifact.
 
     Example:

@@ -62,7 +62,7 @@ def _workload_md(r: dict) -> list[str]:
         f"bcc {r['compile']['bcc']['first_call_s']:.1f} s (capture + passes + inductor; "
         f"{r['compile']['bcc']['graphs']} graph). Graphs compiled while all schedules ran: "
         f"{r['graphs_during_timing']} (the schedule is a graph input)."
-        + (f" strategy='specialize': {r['compile']['specialize']['graphs']} distinct rows, compiled in "
+        + (f" strategy='specialize': {r['compile']['specialize']['graphs']} graphs, compiled in "
            f"{r['compile']['specialize']['all_rows_s']:.1f} s in all." if "specialize" in r["compile"] else ""),
         f"- Memory: the caches hold {_f(r.get('cache_mb'), '.1f')} MiB; " + _memory(r["memory"]),
         *([f"- Compute fractions: {r['recosted']} (`python -m bcc.tools.bench.speed --recost`)."] if r.get("recosted") else []),
