@@ -97,7 +97,7 @@ class RowDispatch:
         >>> schedule = torch.tensor([[True], [False]])
         >>> out, cache = rows(schedule, torch.tensor(1), torch.full((1, 2), 3.0), torch.ones(1, 2))
         >>> out, sorted(rows.variants)
-        (tensor([[3., 3.]]), [((False,), (False,))])
+        (tensor([[3., 3.]]), [((False,), None)])
         >>> ahead = RowDispatch(gm, BccConfig(backend="eager", strategy="specialize"), lookahead=True)
         >>> old = torch.full((1, 2), 3.0)
         >>> _, kept = ahead(torch.tensor([[True], [True]]), torch.tensor(0), old, torch.ones(1, 2))
@@ -110,8 +110,8 @@ class RowDispatch:
     def __init__(self, gm: fx.GraphModule, config: BccConfig, lookahead: bool = False):
         self.gm = gm
         self.config = config
-        # Per (row, whether each block's new cache is written): its compiled graph.
-        self.variants: dict[tuple[tuple[bool, ...], tuple[bool, ...]], Callable[..., Any]] = {}
+        # Per (row, whether each block's new cache is written; None: all are): its compiled graph.
+        self.variants: dict[tuple[tuple[bool, ...], tuple[bool, ...] | None], Callable[..., Any]] = {}
         self.cudagraphs = RowDispatch.uses_cudagraphs(config)
         self.lookahead = lookahead and not self.cudagraphs
         self._n_caches = len(gm.meta[SLOTS])
@@ -162,12 +162,12 @@ class RowDispatch:
 
     def __call__(self, schedule: torch.Tensor, step: torch.Tensor, *rest: Any) -> Any:
         row = tuple(schedule[int(step)].tolist())
-        # A recomputed block's cache is needed only if the next step reuses the block.
-        write = tuple(not b for b in schedule[int(step) + 1].tolist()) if self.lookahead else row
+        # A recomputed block's cache is needed only if the next step reuses the block
+        # (None: without lookahead every new cache is written).
+        write = tuple(not b for b in schedule[int(step) + 1].tolist()) if self.lookahead else None
         fn = self.variants.get((row, write))
         if fn is None:
-            graph = specialize(self.gm, row, pass_through=not self.cudagraphs,
-                               write=write if self.lookahead else None)
+            graph = specialize(self.gm, row, pass_through=not self.cudagraphs, write=write)
             fn = self.variants[(row, write)] = compile_graph(graph, self.config)
         if not self.cudagraphs:
             return fn(schedule, step, *rest)
