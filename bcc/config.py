@@ -13,13 +13,11 @@ __all__ = ["BccConfig", "DEFAULT_INDUCTOR_OPTIONS"]
 # Inductor's layout optimisation broke torch.cond subgraphs on CPU (a stride
 # assertion surfacing as "Attempt to trace generator") and made the plain UNet
 # ~20% slower on 2 CPU cores, so it is off unless the caller turns it back on.
-# On CPU inductor lowers torch.cat by writing its inputs straight into the output
-# buffer, which changes the strides of a torch.cond operand after the branch was
-# compiled for contiguous ones (a stride assertion at the first call, e.g. caching a
-# UNet downsampler whose input is also a skip connection); a pointwise cat leaves the
-# operand alone and cost nothing measurable on the tiny UNet.
+# (force_pointwise_cat was here too, against a CPU cat moving a cond operand's strides;
+# the operand correction in bcc.lower.inductor_fixes covers that case, and the pointwise
+# cat cost 21% of a video DiT's time, so it is added only where the correction is missing.)
 DEFAULT_INDUCTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"layout_optimization": False, "force_pointwise_cat": True}
+    {"layout_optimization": False}
 )
 
 _MODES = ("residual", "output")

@@ -10,7 +10,7 @@ import torch.fx as fx
 from bcc.capture.graph import Captured
 from bcc.config import BccConfig
 from bcc.errors import BccError, ErrorCode
-from bcc.lower.inductor_fixes import cond_operand_strides, inductor
+from bcc.lower.inductor_fixes import inductor, inductor_settings
 from bcc.passes import CacheSlot, PassConfig, run_passes, specialize
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
@@ -48,7 +48,7 @@ def compile_graph(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
     compiled = torch.compile(gm, backend=config.backend, fullgraph=True, dynamic=False)
 
     def fn(*args: Any) -> Any:
-        with torch._inductor.config.patch(options), cond_operand_strides():
+        with inductor_settings(options):
             return compiled(*args)
     return fn
 

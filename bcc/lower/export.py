@@ -38,6 +38,7 @@ from bcc.capture.graph import capture, flatten_call
 from bcc.capture.signature import Signature, TensorLeaf, diff, signature_of, split_example_inputs
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.errors import BccError, BccInternalError, ErrorCode
+from bcc.lower.inductor_fixes import inductor_settings
 from bcc.passes import PassConfig, run_passes
 from bcc.passes.annotate_blocks import BLOCKS
 from bcc.passes.gate_blocks import SLOTS
@@ -423,8 +424,8 @@ def save_exported(ep: torch.export.ExportedProgram, path: str | Path, *, aoti: b
     if aoti:
         from torch._inductor import aoti_compile_and_package
 
-        configs = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_configs or {})}
-        aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+        with inductor_settings({**DEFAULT_INDUCTOR_OPTIONS, **(inductor_configs or {})}) as configs:
+            aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
     else:
         torch.export.save(ep, path)
     kind = "aoti" if aoti else "program"
