@@ -125,5 +125,5 @@ def inductor(gm: fx.GraphModule, example_inputs: list, options: dict) -> Callabl
     """
     from torch._inductor.compile_fx import compile_fx
 
-    with inductor_settings(options) as opts:
-        return compile_fx(gm, example_inputs, config_patches=opts)
+    with inductor_settings(options):  # it patches inductor's config: no config_patches here
+        return compile_fx(gm, example_inputs)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.tools.digits.model import denoiser_arch
 from bcc.analyze.hooks import delegating_getattr
 
@@ -26,7 +27,8 @@ __all__ = ["PEERS", "PeerSetting", "PeerStats", "PeerDenoiser", "peer_settings",
            "magcache_ratios", "compile_report"]
 
 PEERS = ("deepcache", "fbc", "taylorseer", "magcache", "pab")
-INDUCTOR_OPTIONS = {"layout_optimization": False}
+# The plain model's and bcc's inductor settings, so a compiled peer differs only in its method.
+INDUCTOR_OPTIONS = DEFAULT_INDUCTOR_OPTIONS
 # The attention modules of DiT blocks (PixArt: attn1/attn2, Flux: attn). diffusers' TaylorSeer
 # default pattern must end in "attn" and so matches no PixArt module: name them explicitly.
 _DIT_ATTENTION = r"(transformer_blocks|single_transformer_blocks|blocks)\.\d+\.attn\d*"
