@@ -6,7 +6,8 @@ import pickle
 import pytest
 import torch
 
-from bcc.tools.bench.peers import PeerSetting, compile_report, enable, magcache_ratios, peer_settings, timestep_schedule
+from bcc.tools.bench.peers import PeerSetting, enable, magcache_ratios, peer_settings, timestep_schedule
+from bcc.tools.bench.peers_compile import compile_report
 from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler, sample
 
 from testing import built, run

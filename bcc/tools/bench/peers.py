@@ -4,7 +4,7 @@ Adapters, written against the peers' public APIs, for DeepCache (UNets) and diff
 cache hooks for DiTs: First Block Cache (``fbc``), ``taylorseer``, ``magcache`` and
 Pyramid Attention Broadcast (``pab``). :func:`enable` yields a denoiser that runs one
 :class:`PeerSetting` wherever the plain model runs, counts what the peer computed, and
-restores the model on exit; :func:`compile_report` measures it under ``torch.compile``.
+restores the model on exit (:mod:`bcc.tools.bench.peers_compile` measures one under ``torch.compile``).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 from bcc.tools.digits.model import denoiser_arch
 from bcc.analyze.hooks import delegating_getattr
 
-__all__ = ["PEERS", "PeerSetting", "PeerStats", "PeerDenoiser", "peer_settings", "enable", "timestep_schedule",
-           "magcache_ratios", "compile_report"]
+__all__ = ["PEERS", "PeerSetting", "PeerStats", "CallUnits", "PeerDenoiser", "peer_settings", "enable", "timestep_schedule",
+           "magcache_ratios"]
 
 PEERS = ("deepcache", "fbc", "taylorseer", "magcache", "pab")
 # The plain model's and bcc's inductor settings, so a compiled peer differs only in its method.
@@ -140,6 +140,14 @@ class PeerStats:
         return self.flops_executed / self.flops_full if self.flops_full else 1.0
 
 
+@dataclass(frozen=True)
+class CallUnits:
+    """One denoiser call under a peer: its step and how often each unit ran in it."""
+
+    step: int
+    ran: tuple[int, ...]
+
+
 class _Tally:
     """Counts unit forwards. Python ints in eager mode (no overhead); 0-d tensors when
     compiled, because dynamo would guard on an int and recompile on every call, while
@@ -190,7 +198,7 @@ class PeerDenoiser(torch.nn.Module):
         self._orig_mod = model
         self.__dict__.update(_peer=peer, _scheduler=scheduler, _count=count, _ts=None, _ts_index={},
                              _last_step=None, _fresh=True, _probes={}, _sig=None, _done=[0, 0, 0, 0.0, 0.0], _calls=0,
-                             _start=0, _n=0, _on_call=None)
+                             _start=0, _n=0, _on_call=None, _trace=[])
         self.digits_arch = denoiser_arch(model)  # how bcc.tools.digits calls it
         opts = _compile_options(compile)
         whole = bool(opts) and not opts.pop("regional", False)
@@ -224,9 +232,13 @@ class PeerDenoiser(torch.nn.Module):
         self._peer.current_timestep = t
         if self._count:
             self._account(args, kwargs, step, n)
+        tally = self._peer.tally if self._count else None
+        before = tally.values() if tally is not None and not tally.tensors else None
         self._calls += 1
         with self._peer.context(step, n, t):
             out = self._target(*args, **kwargs)
+        if before is not None:
+            self._trace.append(CallUnits(step, tuple(a - b for a, b in zip(tally.values(), before))))
         if self._on_call is not None:
             self._on_call()
         return out
@@ -287,8 +299,16 @@ class PeerDenoiser(torch.nn.Module):
         """Executed FLOPs / full FLOPs (see :class:`PeerStats`)."""
         return self.stats().executed_fraction
 
+    def unit_trace(self) -> tuple[tuple[str, ...], tuple[CallUnits, ...]]:
+        """The peer's units by module name and, per call since the last :meth:`reset_stats`,
+        how often each ran (eager counting only): what it decided, step by step."""
+        if not self._count or self._peer.tally.tensors:
+            raise RuntimeError("the trace is kept by eager counting: pass enable(..., count=True), no compile")
+        return self._peer.unit_names, tuple(self._trace)
+
     def reset_stats(self) -> None:
         """Start counting afresh (e.g. after a warm-up run)."""
+        self._trace.clear()
         self._fold()
         self._start, self._done = self._calls, [self._calls, 0, 0, 0.0, 0.0]
 
@@ -305,6 +325,7 @@ class _Peer:
     counters go *under* the peer's wrapper, so they only fire when it really runs one)."""
 
     tally: _Tally
+    unit_names: tuple[str, ...] = ()  # the units' module names, in tally order
     current_timestep: float = 0.0  # of the call in progress (PAB's callback reads it)
 
     def __init__(self, model, setting: PeerSetting, scheduler):
@@ -501,6 +522,8 @@ def enable(model: torch.nn.Module, setting: PeerSetting, scheduler: Any, *,
             # Units share code objects (every ResnetBlock2D.forward): one recompile budget each.
             opts.setdefault("isolate_recompiles", True)
         peer.tally = _Tally(len(units), next(model.parameters()).device if whole else None)
+        named = {id(m): name for name, m in model.named_modules()}
+        peer.unit_names = tuple(named.get(id(m), "?") for m in units)
         for i, m in enumerate(units):  # under the peer's wrappers, which capture m.forward
             fast = torch.compile(m.forward, **opts) if regional else m.forward
             m.forward = _counted(peer.tally, i, m.forward, fast)
@@ -513,90 +536,3 @@ def enable(model: torch.nn.Module, setting: PeerSetting, scheduler: Any, *,
                 peer.uninstall()
         finally:
             _restore(snapshot)
-
-
-# -- torch.compile behaviour -----------------------------------------------------------
-def _short(msg: Any, n: int = 160) -> str:
-    """First line without the guard's source comment, ``._modules['x']`` as ``.x``; its end if long."""
-    line = (str(msg).strip().splitlines() or [""])[0].split("  #")[0].rstrip()
-    line = re.sub(r"(?:\.__dict__\['_modules'\]|\._modules)\['([^']+)'\]", r".\1", line)
-    return line if len(line) <= n else "..." + line[3 - n:]
-
-
-def compile_report(model: torch.nn.Module, setting: PeerSetting, run: Callable[[torch.nn.Module], torch.Tensor], *,
-                   scheduler: Any, calibrate: Any = None, backend: str = "inductor",
-                   regional: bool = False) -> dict[str, Any]:
-    """How ``setting``'s peer fares under ``torch.compile``; ``run(denoiser)`` samples one
-    short trajectory and returns its output. Calls ``torch._dynamo.reset()``. Keys:
-
-    * ``fullgraph``, ``fullgraph_error``: does ``fullgraph=True`` get through a trajectory
-      (traced with the ``eager`` backend: capture is the question, not codegen);
-    * with breaks allowed (``backend``: ``"inductor"`` with ``layout_optimization=False``,
-      or ``"eager"``/``"aot_eager"``, behind a graph-counting backend): ``graphs`` over
-      one trajectory, ``graphs_per_call`` (cumulative), ``graphs_second_trajectory`` (0:
-      nothing recompiles once warm), ``graph_ops`` (FX ops per graph), ``graph_breaks``
-      and ``break_reasons``, ``recompiles`` and ``recompile_reasons`` (dynamo's),
-      ``recompile_limit_hit`` (past it dynamo runs the frame and its callees eagerly);
-    * ``max_abs_diff``, ``matches_eager``: compiled vs eager output; ``eager_executed_fraction``.
-
-    ``regional=True`` measures ``enable(..., compile="regional")`` instead of the whole
-    model. The peer runs with ``count=False``, so only its own code is traced.
-
-    Example:
-        >>> from bcc.tools import zoo
-        >>> model, args, kwargs = zoo.build("pixart", latent=4)
-        >>> sched = timestep_schedule(3)
-        >>> def run(den):
-        ...     return [den(args[0], **{**kwargs, "timestep": t.expand(2)})[0] for t in sched.timesteps][-1]
-        >>> r = compile_report(model, PeerSetting("fbc", "FBC", {"threshold": 0.1}), run, scheduler=sched, backend="eager")
-        >>> r["fullgraph"], r["graphs"] >= 1, r["matches_eager"]
-        (False, True, True)
-    """
-    from torch._dynamo.utils import counters, clear_compilation_metrics, get_compilation_metrics
-
-    if callable(calibrate) and setting.peer == "magcache" and "mag_ratios" not in setting.params:
-        calibrate = magcache_ratios(model, scheduler, run)  # once, shared by the three runs below
-    report: dict[str, Any] = {"peer": setting.peer, "label": setting.label, "backend": backend, "regional": regional}
-    with torch.no_grad(), enable(model, setting, scheduler, calibrate=calibrate) as den:
-        ref = run(den)
-        report["eager_executed_fraction"] = den.executed_fraction()
-
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad(), enable(model, setting, scheduler, calibrate=calibrate, count=False,
-                                     compile={"backend": "eager", "fullgraph": True, "regional": regional}) as den:
-            run(den)
-        report.update(fullgraph=True, fullgraph_error=None)
-    except Exception as exc:  # noqa: BLE001 - the error is the measurement
-        report.update(fullgraph=False, fullgraph_error=f"{type(exc).__name__}: {_short(exc)}")
-
-    ops: list[int] = []
-
-    def counting(gm: torch.fx.GraphModule, example_inputs):
-        ops.append(sum(node.op.startswith("call_") for node in gm.graph.nodes))
-        if backend == "inductor":
-            return torch._inductor.compile(gm, example_inputs, options=dict(INDUCTOR_OPTIONS))
-        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    counters.clear()
-    clear_compilation_metrics()
-    per_call: list[int] = []  # graphs compiled so far, after each call
-    with torch.no_grad(), enable(model, setting, scheduler, calibrate=calibrate, count=False,
-                                 compile={"backend": counting, "regional": regional}) as den:
-        den._on_call = lambda: per_call.append(len(ops))
-        out = run(den)
-        graphs, calls = len(ops), len(per_call)
-        run(den)
-    metrics = get_compilation_metrics()
-    recompiles = [m.recompile_reason for m in metrics if m.recompile_reason]
-    report.update(graphs=graphs, graphs_per_call=per_call[:calls], graphs_second_trajectory=len(ops) - graphs,
-                  graph_ops=ops[:graphs], graph_breaks=int(sum(counters["graph_break"].values())),
-                  break_reasons=sorted({_short(r, 100) for r in counters["graph_break"]})[:6],
-                  recompiles=len(recompiles), recompile_reasons=sorted({_short(r, 100) for r in recompiles})[:6],
-                  recompile_limit_hit=any("recompile limit" in (m.fail_reason or "") for m in metrics))
-    out, ref = out.float(), ref.float()
-    report.update(max_abs_diff=(out - ref).abs().max().item(), matches_eager=torch.allclose(out, ref, atol=1e-4, rtol=1e-4))
-    torch._dynamo.reset()
-    return report
-

@@ -18,7 +18,7 @@ import torch
 
 from bcc.tools.bench.peers import enable, magcache_ratios, peer_settings
 
-__all__ = ["bench_peers", "compare_with_bcc"]
+__all__ = ["bench_peers", "compare_with_bcc", "compiled_over_eager", "replay_peers"]
 
 
 def _alternate(w, fns: dict, repeats: int) -> dict[str, float]:
@@ -83,6 +83,7 @@ def bench_peers(w, plain_c, *, repeats: int = 3, compiled: bool = True, eager: b
             with enable(model, s, w.scheduler, calibrate=ratios) as den:
                 out = w.run(den)  # first trajectory: the adapter's FLOP probe, not timed
                 row["compute_fraction"] = den.executed_fraction()
+                row["trace"] = _decisions(*den.unit_trace(), w.steps)
                 if eager:
                     den.reset_stats()
                     t = _alternate(w, {"plain": w.model, "peer": den}, repeats)
@@ -122,12 +123,96 @@ def bench_peers(w, plain_c, *, repeats: int = 3, compiled: bool = True, eager: b
     return {"rows": rows, "notes": notes}
 
 
+def _decisions(units: tuple[str, ...], calls, steps: int) -> dict[str, Any]:
+    """What a peer computed: ``mask[s][k]`` is whether unit ``k`` ran in any call of step ``s``."""
+    mask = [[False] * len(units) for _ in range(steps)]
+    for c in calls:
+        mask[c.step] = [m or r > 0 for m, r in zip(mask[c.step], c.ran)]
+    return {"units": list(units), "mask": mask}
+
+
+def replay_peers(w, plain_c, rows: list[dict[str, Any]], *, repeats: int = 3, compiled: dict | None = None,
+                 log=print) -> dict[str, dict[str, Any]]:
+    """bcc compiled running each peer's own decisions: the blocks are the peer's units and
+    the schedule is what the peer computed at each step on the timing seed (``row["trace"]``).
+
+    Equal work, so the speedups compare the mechanisms alone: bcc's one graph with gated
+    branches against the peer's hooks and graph breaks. A replay is a fixed schedule: it
+    does not adapt to other inputs as FBC and MagCache do, and it reuses where TaylorSeer
+    extrapolates (its fidelity is measured on the trained models, not assumed). ``compiled``:
+    bcc models already compiled, by their block names (one is made per other unit set).
+    Timed alternating with ``plain_c``; per label ``speedup`` over it, or ``error``.
+    """
+    import bcc
+    from bcc.tools.metrics import mean_psnr
+
+    models: dict[tuple[str, ...], Any] = dict(compiled or {})
+    variants: dict[str, tuple[Any, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        units, mask = tuple(row["trace"]["units"]), torch.tensor(row["trace"]["mask"])
+        try:
+            schedule = bcc.Schedule(mask, units)
+            if units not in models:
+                models[units] = bcc.compile(w.model, schedule)
+            variants[row["label"]] = (models[units], schedule)
+        except bcc.BccError as exc:  # e.g. a unit bcc cannot gate on its own
+            out[row["label"]] = {"error": str(exc).splitlines()[0]}
+    ref = w.run(w.model) if w.trained else None
+    for label, (m, schedule) in list(variants.items()):
+        try:
+            m.set_schedule(schedule)
+            x = w.run(m)  # the first call captures and compiles: outside the timing
+        except bcc.BccError as exc:
+            out[label] = {"error": str(exc).splitlines()[0]}
+            del variants[label]
+            continue
+        out[label] = {"units": len(schedule.block_names), "compute_steps": int(schedule.mask.any(dim=1).sum())}
+        if ref is not None:
+            out[label]["psnr_db"] = min(float(mean_psnr(x.float(), ref.float())), 100.0)
+    times: dict[str, list[float]] = {"plain": [], **{k: [] for k in variants}}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        w.run(plain_c)
+        times["plain"].append(time.perf_counter() - t0)
+        for label, (m, schedule) in variants.items():
+            m.set_schedule(schedule)
+            t0 = time.perf_counter()
+            w.run(m)
+            times[label].append(time.perf_counter() - t0)
+    plain = statistics.median(times["plain"])
+    for label in variants:
+        out[label].update(speedup=plain / statistics.median(times[label]), all_s=times[label])
+        log(f"   bcc at {label}'s decisions: {out[label]['speedup']:.2f}x" +
+            (f", PSNR {out[label]['psnr_db']:.1f}" if "psnr_db" in out[label] else ""))
+    for label, r in out.items():
+        if "error" in r:
+            log(f"   bcc at {label}'s decisions: not replayable ({r['error']})")
+    return out
+
+
 def _interp(points: list[tuple[float, float]], x: float) -> float | None:
     pts = sorted(points)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
+
+
+def compiled_over_eager(result: dict[str, Any]) -> float | None:
+    """Plain compiled / plain eager time per trajectory (None unless both were timed): the
+    factor that puts an eager speedup on the compiled model's scale. Same-phase when the
+    eager phase alternated the compiled model too (``"plain compiled"``), as runs since
+    session 17 do; earlier results fall back to the two phases' plain times.
+
+    Example:
+        >>> compiled_over_eager({"eager": {"plain": {"trajectory_s": 2.0}, "plain compiled": {"trajectory_s": 1.5}}})
+        0.75
+    """
+    eager = result.get("eager", {})
+    plain_e = eager.get("plain", {}).get("trajectory_s")
+    plain_c = eager.get("plain compiled", result.get("compiled", {}).get("plain", {})).get("trajectory_s")
+    return plain_c / plain_e if plain_c and plain_e else None
 
 
 def compare_with_bcc(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,9 +226,7 @@ def compare_with_bcc(result: dict[str, Any]) -> list[dict[str, Any]]:
     """
     out = []
     sched = result["schedules"]
-    plain_c = result.get("compiled", {}).get("plain", {}).get("trajectory_s")
-    plain_e = result.get("eager", {}).get("plain", {}).get("trajectory_s")
-    to_compiled = plain_c / plain_e if plain_c and plain_e else 1.0
+    to_compiled = compiled_over_eager(result) or 1.0
     for row in result.get("peers", {}).get("rows", []):
         speeds = [row["compiled_speedup"]] if row.get("compiled_speedup") is not None else []
         if row.get("eager_speedup") is not None:
@@ -164,5 +247,8 @@ def compare_with_bcc(result: dict[str, Any]) -> list[dict[str, Any]]:
                 cmp.update(basis="equal compute fraction", bcc_speedup=sp)
         if "bcc_speedup" in cmp:
             cmp["bcc_faster"] = cmp["bcc_speedup"] > cmp["peer_best_speedup"]
+        replay = result.get("peer_replay", {}).get(row["label"], {})
+        if "speedup" in replay:
+            cmp.update(replay_speedup=replay["speedup"], replay_faster=replay["speedup"] > cmp["peer_best_speedup"])
         out.append(cmp)
     return out

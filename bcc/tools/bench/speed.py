@@ -233,7 +233,9 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     result["compiled"] = timed
     if eager:
         bcc_e = bcc.compile(w.model, sched["all"], backend="eager")
-        ev = {"plain": _Variant(w.model)}
+        # The plain compiled model alternates with the eager one here too, so compiled / eager
+        # (which puts eager peers on the compiled scale) is a same-phase ratio.
+        ev = {"plain": _Variant(w.model), "plain compiled": _Variant(plain_c)}
         ev.update({f"bcc[{k}]": scheduled(bcc_e, sched[k]) for k in eager_schedules if k in sched})
         result["eager"] = _time_variants(w, ev, repeats, log)
     # Memory: one more trajectory per compiled variant, sampled outside the timed runs.
@@ -267,11 +269,13 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
                                     "compute_fraction": k / w.steps, **paired_report(fw.run(w.model), ref)}
                            for k, fw in fewer_w.items()}
     if peers:
-        from bcc.tools.bench.peers_bench import bench_peers, compare_with_bcc
+        from bcc.tools.bench.peers_bench import bench_peers, compare_with_bcc, replay_peers
 
         compiled_peers = w.trained if peers == "auto" else peers in ("compiled", "compiled-only")
         result["peers"] = bench_peers(w, plain_c, repeats=repeats, compiled=compiled_peers,
                                       eager=peers != "compiled-only", sweep=peer_sweep, log=log)
+        result["peer_replay"] = replay_peers(w, plain_c, result["peers"]["rows"], repeats=repeats,
+                                             compiled={tuple(profile.block_names): bcc_c}, log=log)
         result["peer_comparison"] = compare_with_bcc(result)
     return result
 

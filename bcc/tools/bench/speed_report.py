@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bcc.tools.bench.peers_bench import compiled_over_eager
+
 __all__ = ["write_report", "markdown", "plot_frontier"]
 
 
@@ -121,21 +123,31 @@ def _peers_md(r: dict) -> list[str]:
         "the last column is bcc compiled at equal fidelity (the fastest bcc schedule with at least the "
         "peer's paired PSNR) on the trained models, at equal compute fraction (interpolated) otherwise. "
         "Faster or slower compares speedups over the plain *compiled* model, i.e. time per trajectory: an "
-        "eager peer's speedup over the plain eager model is scaled by plain compiled / plain eager time.",
+        "eager peer's speedup over the plain eager model is scaled by plain compiled / plain eager time. "
+        "*At the peer's decisions*: bcc compiled with the peer's units as blocks and, as its schedule, what "
+        "the peer computed at each step on the timing seed (equal work: the mechanisms alone; a fixed "
+        "schedule, not adaptive; reuse where TaylorSeer extrapolates), alternating with plain compiled.",
         "",
         "| method | setting | compute fraction | eager speedup | compiled speedup | graphs / breaks (compiled) "
-        "| paired PSNR dB | bcc compiled at equal fidelity or fraction |",
-        "|---|---|---|---|---|---|---|---|",
+        "| paired PSNR dB | bcc compiled at equal fidelity or fraction | bcc compiled at the peer's decisions |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    replays = r.get("peer_replay", {})
     for row in p["rows"]:
         c = cmp.get(row["label"], {})
         vs = "—" if "bcc_speedup" not in c else (
             f"{c['bcc_speedup']:.2f}x{' (' + c['bcc_schedule'] + ')' if 'bcc_schedule' in c else ''} "
             f"{'**faster**' if c['bcc_faster'] else 'slower'}")
+        rp = replays.get(row["label"], {})
+        if "speedup" in rp:
+            db = f", {rp['psnr_db']:.1f} dB" if "psnr_db" in rp else ""
+            at = f"{rp['speedup']:.2f}x{db} {'**faster**' if c.get('replay_faster') else 'slower'}"
+        else:
+            at = f"not replayable: {rp['error'][:80]}" if "error" in rp else "—"
         lines.append(
             f"| {row['method']} | {row['label']} | {_f(row.get('compute_fraction'), '.3f')} | "
             f"{_f(row.get('eager_speedup'))}{'x' if row.get('eager_speedup') else ''} | {_f(row.get('compiled_speedup'))}{'x' if row.get('compiled_speedup') else ''} | "
-            f"{row.get('graphs', '—')} / {row.get('breaks', '—')} | {_f(row.get('psnr_db'), '.1f')} | {vs} |")
+            f"{row.get('graphs', '—')} / {row.get('breaks', '—')} | {_f(row.get('psnr_db'), '.1f')} | {vs} | {at} |")
     if p.get("notes"):
         lines += ["", *[f"- {n}" for n in p["notes"]]]
     return lines
@@ -231,9 +243,7 @@ def plot_frontier(r: dict[str, Any], path: Path) -> None:
     rows = [row for row in (r.get("peers") or {}).get("rows", []) if row.get("psnr_db") is not None]
     # An eager peer's time per trajectory against the plain *compiled* model, as in the
     # peer comparison: its speedup over plain eager times plain compiled / plain eager.
-    plain_c = r.get("compiled", {}).get("plain", {}).get("trajectory_s")
-    plain_e = r.get("eager", {}).get("plain", {}).get("trajectory_s")
-    to_compiled = plain_c / plain_e if plain_c and plain_e else None
+    to_compiled = compiled_over_eager(r)
     for i, method in enumerate(dict.fromkeys(row["method"] for row in rows)):
         mine = [row for row in rows if row["method"] == method and row["psnr_db"] < 99]
         for key, marker, how, scale in (("compiled_speedup", "x", "compiled", 1.0),
@@ -242,6 +252,10 @@ def plot_frontier(r: dict[str, Any], path: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker, color=cmap((i + 5) % 10), mfc="none" if how == "eager" else None, ms=8,
                         ls="none", label=f"{method} ({how})")
+    replays = [v for v in r.get("peer_replay", {}).values() if "psnr_db" in v and v["psnr_db"] < 99]
+    if replays:
+        ax.plot([v["speedup"] for v in replays], [v["psnr_db"] for v in replays], "*", color="black", mfc="none",
+                ms=9, ls="none", label="bcc compiled at a peer's decisions")
     ax.set_xlabel("measured speedup vs the plain compiled model (time per trajectory)")
     ax.set_ylabel("paired PSNR vs the plain model, dB")
     ax.set_title(f"{r['workload']}: speed vs fidelity", fontsize=10)
