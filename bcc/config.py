@@ -21,7 +21,7 @@ DEFAULT_INDUCTOR_OPTIONS: Mapping[str, Any] = MappingProxyType(
 )
 
 _MODES = ("residual", "output")
-_STRATEGIES = ("branch", "specialize")
+_STRATEGIES = ("branch", "specialize", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,12 @@ class BccConfig:
             schedule row (at its first use), picked on the host each step: no branches,
             fusion across block boundaries, capturable by CUDA graphs, but one compile per
             distinct row — per row and the caches the next row reads, since a cache
-            nothing reads before the block recomputes is not written.
+            nothing reads before the block recomputes is not written. ``"hybrid"``
+            specialises only the all-True rows (the steps that compute everything run
+            without gates) and runs every other row through the branch graph: at most three
+            compiles whatever the schedule (the all-True row writing every cache or, when
+            the next row computes everything too, none; and the branch graph); not for
+            CUDA graphs (the branch graph has conds).
         version: format version of this config when saved beside an artifact.
 
     Example:
@@ -88,7 +93,8 @@ class BccConfig:
                 ErrorCode.CONFIG_INVALID,
                 f"BccConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}. Use 'branch' for one "
                 "graph serving every step (the default), 'specialize' for one branch-free graph per distinct "
-                "schedule row (CUDA graphs; more compile time).",
+                "schedule row (CUDA graphs; more compile time), 'hybrid' for a branch-free graph of the "
+                "all-True rows beside the branch graph.",
             )
         if not isinstance(self.check, bool):
             raise BccError(ErrorCode.CONFIG_INVALID, f"BccConfig.check must be a bool, got {self.check!r}.")

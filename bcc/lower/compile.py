@@ -65,7 +65,10 @@ class _Inductor:
 
 class RowDispatch:
     """``strategy="specialize"``: one graph per distinct schedule row, built and compiled
-    at the row's first use, chosen on the host from ``schedule[step]``.
+    at the row's first use, chosen on the host from ``schedule[step]``. ``"hybrid"``: the
+    all-True row specialised (its gates cost nothing), every other row through the one
+    branch graph: three compiles at most, whatever the schedule (the all-True row writing
+    every cache or, before another all-True row, none; and the branch graph).
 
     The schedule and the step are CPU tensors (see :mod:`bcc.lower.stepper`), so
     reading the row costs no device sync. A new schedule's unseen rows compile on first use.
@@ -103,6 +106,13 @@ class RowDispatch:
         >>> _, kept = ahead(torch.tensor([[True], [True]]), torch.tensor(0), old, torch.ones(1, 2))
         >>> kept is old  # recomputed now and next: the cache is dead, nothing written
         True
+        >>> _, kept = ahead(torch.tensor([[True]]), torch.tensor(0), old, torch.ones(1, 2))
+        >>> kept is old  # the last step: no later call reads a cache
+        True
+        >>> both = RowDispatch(gm, BccConfig(backend="eager", strategy="hybrid"))
+        >>> _ = both(torch.tensor([[True], [False]]), torch.tensor(1), old, torch.ones(1, 2))
+        >>> sorted(both.variants), both.graphs  # the reusing row ran the branch graph, nothing specialised
+        ([], 1)
     """
 
     _MAX_STATIC_SETS = 8  # cache sets kept (streams x recent trajectories); an evicted one is copied in again
@@ -115,9 +125,15 @@ class RowDispatch:
         self.cudagraphs = RowDispatch.uses_cudagraphs(config)
         self.lookahead = lookahead and not self.cudagraphs
         self._n_caches = len(gm.meta[SLOTS])
+        self._branch: Callable[..., Any] | None = None  # strategy="hybrid": the rows that reuse
         # By the data pointers of the tensors handed back to the stepper: its detach()
         # makes new tensor objects, so the static-address mark must stay on these.
         self._static: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
+    @property
+    def graphs(self) -> int:
+        """Graphs compiled so far: the specialised rows' and, under ``"hybrid"``, the branch graph."""
+        return len(self.variants) + (self._branch is not None)
 
     @staticmethod
     def uses_cudagraphs(config: BccConfig) -> bool:
@@ -152,19 +168,29 @@ class RowDispatch:
             ...
             bcc.errors.BccError: [BCC705] CUDA graphs were asked for ...
         """
-        if config.strategy != "specialize" and RowDispatch.uses_cudagraphs(config):
+        if config.strategy != "specialize" and RowDispatch.uses_cudagraphs(config):  # hybrid has a branch graph
             raise BccError(
                 ErrorCode.CUDA_GRAPHS_BRANCH,
                 "CUDA graphs were asked for (inductor option triton.cudagraphs, which mode='reduce-overhead' "
-                "sets), but strategy='branch' compiles every cached block as a torch.cond, which CUDA graphs "
-                "cannot capture: inductor would skip them silently. Pass strategy='specialize' (one "
-                "branch-free graph per distinct schedule row, CUDA-graphed) or drop the option.")
+                f"sets), but strategy={config.strategy!r} compiles cached blocks as torch.cond (the 'hybrid' "
+                "strategy for every row that reuses a block), which CUDA graphs cannot capture: inductor would "
+                "skip them silently. Pass strategy='specialize' (one branch-free graph per distinct schedule "
+                "row, CUDA-graphed) or drop the option.")
 
     def __call__(self, schedule: torch.Tensor, step: torch.Tensor, *rest: Any) -> Any:
         row = tuple(schedule[int(step)].tolist())
+        if self.config.strategy == "hybrid" and not all(row):
+            if self._branch is None:  # compiled at the first row that reuses a block
+                self._branch = compile_graph(self.gm, self.config)
+            return self._branch(schedule, step, *rest)
         # A recomputed block's cache is needed only if the next step reuses the block
-        # (None: without lookahead every new cache is written).
-        write = tuple(not b for b in schedule[int(step) + 1].tolist()) if self.lookahead else None
+        # (None: without lookahead every new cache is written; no next row: none is read).
+        write = None
+        if self.lookahead:
+            nxt = int(step) + 1
+            write = tuple(not b for b in schedule[nxt].tolist()) if nxt < len(schedule) else (False,) * len(row)
+            if self.config.strategy == "hybrid" and any(write):
+                write = None  # all written: two variants of the all-True row, not one per next row
         fn = self.variants.get((row, write))
         if fn is None:
             graph = specialize(self.gm, row, pass_through=not self.cudagraphs, write=write)
@@ -203,7 +229,7 @@ def lower(captured: Captured, names: Sequence[str], config: BccConfig, scale_shi
     """
     RowDispatch.check_strategy(config)
     gm = run_passes(captured.gm, PassConfig(names=tuple(names), mode=config.mode, scale_shift=scale_shift))
-    if config.strategy == "specialize":
+    if config.strategy in ("specialize", "hybrid"):
         rows = RowDispatch(gm, config, lookahead=lookahead)
         return Lowered(gm, rows, tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]), rows.lookahead)
     return Lowered(gm, compile_graph(gm, config), tuple(gm.meta[BLOCKS]), tuple(gm.meta[SLOTS]))

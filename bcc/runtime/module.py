@@ -266,7 +266,7 @@ class BccModule(torch.nn.Module):
     def bcc_stats(self) -> dict[str, int]:
         """What the compiled model holds: ``signatures`` (input signatures captured),
         ``graphs`` (compiled so far: one per signature, or one per distinct schedule row
-        with ``strategy="specialize"``), ``streams`` (streams holding caches),
+        with ``strategy="specialize"``; with ``"hybrid"`` up to three), ``streams`` (streams holding caches),
         ``cache_bytes`` (their cached block outputs, kept between steps) and
         ``step_counts`` (schedules derived or held, one per step count).
 
@@ -285,7 +285,7 @@ class BccModule(torch.nn.Module):
             >>> s = m.bcc_stats(); (s["signatures"], s["graphs"], s["streams"], s["cache_bytes"])
             (1, 1, 1, 8)
         """
-        graphs = sum(len(e.lowered.fn.variants) if isinstance(e.lowered.fn, RowDispatch) else 1
+        graphs = sum(e.lowered.fn.graphs if isinstance(e.lowered.fn, RowDispatch) else 1
                      for e in self._bcc_entries.values())
         state = self._bcc_stepper.state()
         return {"signatures": len(self._bcc_entries), "graphs": graphs, "streams": len(state.streams),

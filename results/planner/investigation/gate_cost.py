@@ -1,4 +1,4 @@
-"""All-True gate cost on the shipped digits models, measured call by call.
+"""All-True gate cost (or a schedule's, ``--every N``) on the shipped digits models, call by call.
 
 Whole trajectories on this 2-core machine vary by ±20-40% from one repeat to the next,
 more than the effect measured, so the denoiser calls of one recorded trajectory are
@@ -32,6 +32,10 @@ ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                 help="an inductor option for plain and bcc alike, on top of bcc's defaults (VALUE is read as "
                 "JSON, e.g. --option cpp_wrapper=true)")
 ap.add_argument("--modes", nargs="+", default=["residual", "output"], help="cache modes of the strategy grid")
+ap.add_argument("--strategies", nargs="+", default=["branch", "specialize"], help="strategies of the grid")
+ap.add_argument("--every", type=int, default=1,
+                help="time Schedule.every(N) instead of the all-True schedule (1); the per-step medians' sum is "
+                "then the trajectory estimate")
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 options = dict(DEFAULT_INDUCTOR_OPTIONS)
@@ -53,7 +57,7 @@ class Recorder(torch.nn.Module):
 w.run(Recorder())
 plain = torch.compile(w.model, fullgraph=True, dynamic=False, options=dict(options))
 variants = {"plain": plain}
-every = lambda n: bcc.Schedule(torch.ones(len(calls), len(n), dtype=torch.bool), n)  # noqa: E731
+every = lambda n: bcc.Schedule.every(args.every, len(calls), n)  # noqa: E731
 if args.regions:
     names = bcc.find_blocks(w.model, calls[0], blocks=w.blocks)
     variants["branch/blocks"] = bcc.compile(w.model, every(names), inductor_options=options)
@@ -64,7 +68,7 @@ if args.regions:
         inside = bcc.find_blocks(w.model, calls[0], blocks=[*names, b0])  # b0 and the blocks outside it
         variants["branch/DeepCache b0 region"] = bcc.compile(w.model, every(inside), inductor_options=options)
 else:
-    for strategy in ("branch", "specialize"):
+    for strategy in args.strategies:
         for mode in args.modes:
             variants[f"{strategy}/{mode}"] = bcc.compile(w.model, every, blocks=w.blocks, mode=mode,
                                                          strategy=strategy, inductor_options=options)
@@ -83,13 +87,20 @@ report = {}
 for name, ts in times.items():
     ratios = [t / p for t, p in zip(ts, times["plain"])]
     q = statistics.quantiles(ratios, n=4)
+    per_step = [statistics.median(ts[i::len(calls)]) for i in range(len(calls))]
     report[name] = {"median_call_s": statistics.median(ts), "median_ratio": statistics.median(ratios),
-                    "ratio_quartiles": [q[0], q[2]], "calls": len(ts)}
+                    "ratio_quartiles": [q[0], q[2]], "calls": len(ts), "per_step_median_s": per_step,
+                    "trajectory_estimate_s": sum(per_step)}
     print(f"{name:22s} median call {statistics.median(ts) * 1e3:7.2f} ms   vs plain, median of per-call ratios "
           f"{statistics.median(ratios) - 1:+.1%} (quartiles {q[0] - 1:+.1%} .. {q[2] - 1:+.1%}, {len(ts)} calls)",
           flush=True)
+base = report["plain"]["trajectory_estimate_s"]
+for name, r in report.items():
+    print(f"{name:22s} sum of per-step medians {r['trajectory_estimate_s']:.3f} s: {base / r['trajectory_estimate_s']:.3f}x "
+          "over plain", flush=True)
 if args.out:
     with open(args.out, "w") as f:
         json.dump({"workload": w.describe, "threads": args.threads, "trajectories": args.trajectories,
+                   "every": args.every,
                    "inductor_options": options,
                    "variants": report}, f, indent=1)
