@@ -49,10 +49,11 @@ class BccConfig:
             fusion across block boundaries, capturable by CUDA graphs, but one compile per
             distinct row — per row and the caches the next row reads, since a cache
             nothing reads before the block recomputes is not written. ``"hybrid"``
-            specialises only the all-True rows (the steps that compute everything run
-            without gates) and runs every other row through the branch graph: at most three
-            compiles whatever the schedule (the all-True row writing every cache or, when
-            the next row computes everything too, none; and the branch graph); not for
+            specialises only the uniform rows (a step that computes every block runs
+            without gates, one that reuses every block passes its caches through uncopied)
+            and runs the mixed rows through the branch graph: at most four compiles whatever
+            the schedule (the all-True row writing every cache or, when the next row
+            computes everything too, none; the all-False row; the branch graph); not for
             CUDA graphs (the branch graph has conds).
         version: format version of this config when saved beside an artifact.
 
@@ -93,8 +94,8 @@ class BccConfig:
                 ErrorCode.CONFIG_INVALID,
                 f"BccConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}. Use 'branch' for one "
                 "graph serving every step (the default), 'specialize' for one branch-free graph per distinct "
-                "schedule row (CUDA graphs; more compile time), 'hybrid' for a branch-free graph of the "
-                "all-True rows beside the branch graph.",
+                "schedule row (CUDA graphs; more compile time), 'hybrid' for branch-free graphs of the "
+                "all-True and all-False rows beside the branch graph.",
             )
         if not isinstance(self.check, bool):
             raise BccError(ErrorCode.CONFIG_INVALID, f"BccConfig.check must be a bool, got {self.check!r}.")

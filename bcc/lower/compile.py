@@ -66,9 +66,10 @@ class _Inductor:
 class RowDispatch:
     """``strategy="specialize"``: one graph per distinct schedule row, built and compiled
     at the row's first use, chosen on the host from ``schedule[step]``. ``"hybrid"``: the
-    all-True row specialised (its gates cost nothing), every other row through the one
-    branch graph: three compiles at most, whatever the schedule (the all-True row writing
-    every cache or, before another all-True row, none; and the branch graph).
+    uniform rows specialised (all True: no gate costs anything; all False: every cache is
+    passed through uncopied), the mixed rows through the one branch graph: four compiles at
+    most, whatever the schedule (the all-True row writing every cache or, before another
+    all-True row, none; the all-False row; the branch graph).
 
     The schedule and the step are CPU tensors (see :mod:`bcc.lower.stepper`), so
     reading the row costs no device sync. A new schedule's unseen rows compile on first use.
@@ -111,8 +112,8 @@ class RowDispatch:
         True
         >>> both = RowDispatch(gm, BccConfig(backend="eager", strategy="hybrid"))
         >>> _ = both(torch.tensor([[True], [False]]), torch.tensor(1), old, torch.ones(1, 2))
-        >>> sorted(both.variants), both.graphs  # the reusing row ran the branch graph, nothing specialised
-        ([], 1)
+        >>> sorted(both.variants), both.graphs  # a uniform row: specialised
+        ([((False,), None)], 1)
     """
 
     _MAX_STATIC_SETS = 8  # cache sets kept (streams x recent trajectories); an evicted one is copied in again
@@ -125,7 +126,7 @@ class RowDispatch:
         self.cudagraphs = RowDispatch.uses_cudagraphs(config)
         self.lookahead = lookahead and not self.cudagraphs
         self._n_caches = len(gm.meta[SLOTS])
-        self._branch: Callable[..., Any] | None = None  # strategy="hybrid": the rows that reuse
+        self._branch: Callable[..., Any] | None = None  # strategy="hybrid": the mixed rows' graph
         # By the data pointers of the tensors handed back to the stepper: its detach()
         # makes new tensor objects, so the static-address mark must stay on these.
         self._static: dict[tuple[int, ...], list[torch.Tensor]] = {}
@@ -173,14 +174,15 @@ class RowDispatch:
                 ErrorCode.CUDA_GRAPHS_BRANCH,
                 "CUDA graphs were asked for (inductor option triton.cudagraphs, which mode='reduce-overhead' "
                 f"sets), but strategy={config.strategy!r} compiles cached blocks as torch.cond (the 'hybrid' "
-                "strategy for every row that reuses a block), which CUDA graphs cannot capture: inductor would "
+                "strategy for every row that mixes reuse and recompute), which CUDA graphs cannot capture: inductor would "
                 "skip them silently. Pass strategy='specialize' (one branch-free graph per distinct schedule "
                 "row, CUDA-graphed) or drop the option.")
 
     def __call__(self, schedule: torch.Tensor, step: torch.Tensor, *rest: Any) -> Any:
         row = tuple(schedule[int(step)].tolist())
-        if self.config.strategy == "hybrid" and not all(row):
-            if self._branch is None:  # compiled at the first row that reuses a block
+        hybrid = self.config.strategy == "hybrid"
+        if hybrid and any(row) and not all(row):
+            if self._branch is None:  # compiled at the first mixed row
                 self._branch = compile_graph(self.gm, self.config)
             return self._branch(schedule, step, *rest)
         # A recomputed block's cache is needed only if the next step reuses the block
@@ -189,8 +191,8 @@ class RowDispatch:
         if self.lookahead:
             nxt = int(step) + 1
             write = tuple(not b for b in schedule[nxt].tolist()) if nxt < len(schedule) else (False,) * len(row)
-            if self.config.strategy == "hybrid" and any(write):
-                write = None  # all written: two variants of the all-True row, not one per next row
+            if hybrid and (any(write) or not any(row)):
+                write = None  # all written: at most two variants of a uniform row, not one per next row
         fn = self.variants.get((row, write))
         if fn is None:
             graph = specialize(self.gm, row, pass_through=not self.cudagraphs, write=write)

@@ -266,7 +266,7 @@ class BccModule(torch.nn.Module):
     def bcc_stats(self) -> dict[str, int]:
         """What the compiled model holds: ``signatures`` (input signatures captured),
         ``graphs`` (compiled so far: one per signature, or one per distinct schedule row
-        with ``strategy="specialize"``; with ``"hybrid"`` up to three), ``streams`` (streams holding caches),
+        with ``strategy="specialize"``; with ``"hybrid"`` up to four), ``streams`` (streams holding caches),
         ``cache_bytes`` (their cached block outputs, kept between steps) and
         ``step_counts`` (schedules derived or held, one per step count).
 

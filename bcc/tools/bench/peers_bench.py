@@ -139,7 +139,8 @@ def replay_peers(w, plain_c, rows: list[dict[str, Any]], *, repeats: int = 3, co
     Equal work, so the speedups compare the mechanisms alone: bcc's one graph with gated
     branches against the peer's hooks and graph breaks. A replay is a fixed schedule: it
     does not adapt to other inputs as FBC and MagCache do, and it reuses where TaylorSeer
-    extrapolates (its fidelity is measured on the trained models, not assumed). ``compiled``:
+    extrapolates (its fidelity is measured on the trained models, not assumed, on the seed the
+    decisions were recorded on: for an adaptive peer, its own choices for that noise). ``compiled``:
     bcc models already compiled, by their block names (one is made per other unit set).
     Timed alternating with ``plain_c``; per label ``speedup`` over it, or ``error``.
     """
