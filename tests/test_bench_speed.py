@@ -17,13 +17,15 @@ from bcc.tools.bench.workloads import build_workload
 def result():
     w = build_workload("pixart", steps=4)
     return bench_workload(w, schedules=("all", "every-2", "plan-0.7", "region-span-2"), repeats=1, eager=True,
-                          eager_schedules=("every-2",), specialize=4, search_seeds=(7,), log=lambda msg: None)
+                          eager_schedules=("every-2",), specialize=4, hybrid=True, search_seeds=(7,),
+                          log=lambda msg: None)
 
 
 def test_one_graph_serves_every_schedule(result):
     assert result["compile"]["bcc"]["graphs"] == 1
     assert result["graphs_during_timing"] == 0
     assert result["compile"]["specialize"]["graphs"] >= 2  # rows: all True, all False, the plan's
+    assert 2 <= result["compile"]["hybrid"]["graphs"] <= 4  # uniform rows, one branch graph for the mixed
 
 
 def test_planned_schedule_is_searched_within_its_measured_budget_or_said_unreachable(result):
@@ -47,7 +49,7 @@ def test_ideal_follows_the_flops(result):
     assert s["every-2"]["compute_fraction"] == pytest.approx(want)
     for row in s.values():
         # A region schedule runs on a model of its own (branch strategy only).
-        for backend in ("compiled",) if "blocks" in row else ("compiled", "specialize"):
+        for backend in ("compiled",) if "blocks" in row else ("compiled", "specialize", "hybrid"):
             assert row[backend]["speedup"] > 0
             assert row[backend]["efficiency"] == pytest.approx(row[backend]["speedup"] * row["compute_fraction"])
     assert "eager" in s["every-2"] and "eager" not in s["all"]
@@ -57,7 +59,7 @@ def test_report_files(result, tmp_path):
     result.update(command="test", threads=1, torch="x")
     write_report({"pixart": result}, tmp_path)
     md = (tmp_path / "speed.md").read_text()
-    assert "Gate overhead" in md and "| bcc every-2 |" in md
+    assert "Gate overhead" in md and "| bcc every-2 |" in md and "hybrid: speedup | efficiency |" in md
     assert json.loads((tmp_path / "speed.json").read_text())["workloads"]["pixart"]["steps"] == 4
     assert (tmp_path / "speed.png").stat().st_size > 10_000
     assert "| plan-0.7 |" in md  # the search table (a row either way)

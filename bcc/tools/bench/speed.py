@@ -40,6 +40,7 @@ import bcc
 from bcc.plan.calibrate import block_flops
 from bcc.config import DEFAULT_INDUCTOR_OPTIONS
 
+from bcc.tools.bench.lowerings import EXTRA_LOWERINGS
 from bcc.tools.bench.workloads import Workload, build_workload
 
 __all__ = ["main", "bench_workload", "SCHEDULES"]
@@ -160,7 +161,8 @@ def _time_variants(w: Workload, variants: dict[str, _Variant], repeats: int, log
 
 
 def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager: bool = True,
-                   eager_schedules=("all", "auto-0.5"), specialize: int = 0, peers: bool | str = False,
+                   eager_schedules=("all", "auto-0.5"), specialize: int = 0, hybrid: bool = False,
+                   peers: bool | str = False,
                    peer_sweep: str = "full", fewer: Sequence[int] = (), search_seeds: Sequence[int] = (1000, 1001),
                    log=print) -> dict:
     """Measure one workload; returns a JSON-able dict (see the module docstring).
@@ -213,20 +215,25 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     variants.update({f"bcc[{k}]": scheduled(r.model, r.schedule) for k, r in regions.items()})
     fewer_w = {k: w.at_steps(k) for k in fewer} if fewer and w.at_steps is not None else {}
     variants.update({f"fewer[{k}]": _Variant(plain_c, run=fw.run) for k, fw in fewer_w.items()})
-    if specialize:
-        # One graph per distinct row (and caches the next row reads), compiled at first use:
-        # time that separately, for the schedules with at most `specialize` distinct rows
-        # (a per-block schedule has up to one per step, each a compile).
-        few = {k: s for k, s in sched.items() if len({tuple(r) for r in s.mask.tolist()}) <= specialize}
-        spec = bcc.compile(w.model, sched["all"], strategy="specialize")
+    for lw in EXTRA_LOWERINGS:
+        # specialize: one graph per distinct row (and caches the next row reads), compiled
+        # at first use, so only the schedules with at most `specialize` distinct rows (a
+        # per-block schedule has up to one per step, each a compile); hybrid: four at most.
+        if lw.strategy == "specialize":
+            few = {k: s for k, s in sched.items() if len({tuple(r) for r in s.mask.tolist()}) <= specialize}
+        else:
+            few = dict(sched) if hybrid else {}
+        if not few:
+            continue
+        model = bcc.compile(w.model, sched["all"], strategy=lw.strategy)
         t0 = time.perf_counter()
         for s in few.values():
-            spec.set_schedule(s)
-            w.run(spec)
-        rows = spec.bcc_stats()["graphs"]
-        comp["specialize"] = {"all_rows_s": time.perf_counter() - t0, "graphs": rows, "schedules": list(few)}
-        log(f"   specialize: {rows} graphs (rows x caches written) compiled in {comp['specialize']['all_rows_s']:.1f}s")
-        variants.update({f"spec[{k}]": scheduled(spec, s) for k, s in few.items()})
+            model.set_schedule(s)
+            w.run(model)
+        rows = model.bcc_stats()["graphs"]
+        comp[lw.strategy] = {"all_rows_s": time.perf_counter() - t0, "graphs": rows, "schedules": list(few)}
+        log(f"   {lw.label}: {rows} graphs compiled in {comp[lw.strategy]['all_rows_s']:.1f}s")
+        variants.update({f"{lw.prefix}[{k}]": scheduled(model, s) for k, s in few.items()})
     g0 = _graphs()
     timed = _time_variants(w, variants, repeats, log)
     result["graphs_during_timing"] = _graphs() - g0  # 0: every schedule reuses its model's one graph
@@ -254,7 +261,8 @@ def bench_workload(w: Workload, *, schedules=SCHEDULES, repeats: int = 3, eager:
     for k in result["schedules"]:
         for backend, t, key in (("compiled", result.get("compiled", {}), f"bcc[{k}]"),
                                 ("eager", result.get("eager", {}), f"bcc[{k}]"),
-                                ("specialize", result.get("compiled", {}), f"spec[{k}]")):
+                                *((lw.strategy, result.get("compiled", {}), f"{lw.prefix}[{k}]")
+                                  for lw in EXTRA_LOWERINGS)):
             if key in t:
                 result["schedules"][k][backend] = {"speedup": t["plain"]["trajectory_s"] / t[key]["trajectory_s"]}
     _rows(result, costs, rest)
@@ -373,7 +381,7 @@ def _rows(result: dict, costs, rest) -> None:
         s = bcc.Schedule(torch.tensor(row["mask"], dtype=torch.bool), row.get("blocks", result["blocks"]))
         frac = s.compute_fraction(row.get("block_flops", costs), row.get("rest_flops", rest))
         row.update(compute_fraction=frac, ideal_speedup=1 / frac)
-        for backend in ("compiled", "eager", "specialize"):
+        for backend in ("compiled", "eager", *(lw.strategy for lw in EXTRA_LOWERINGS)):
             if backend in row:
                 row[backend]["efficiency"] = row[backend]["speedup"] * frac
 
@@ -413,6 +421,9 @@ def main(argv=None) -> int:
     ap.add_argument("--specialize", type=int, nargs="?", const=1000, default=0, metavar="MAX_ROWS",
                     help="also time strategy='specialize' (one compiled graph per distinct schedule row) for "
                     "the schedules with at most MAX_ROWS distinct rows (all when no number is given)")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="also time strategy='hybrid' (uniform rows specialised, mixed rows through the branch "
+                    "graph; four graphs at most) for every schedule")
     ap.add_argument("--peers", choices=["none", "eager", "compiled", "compiled-only", "auto"], default="none",
                     help="also time the peers (DeepCache on UNets, diffusers' cache hooks on DiTs); 'auto' "
                     "compiles them on the digits models only")
@@ -449,7 +460,7 @@ def main(argv=None) -> int:
             # A denser bcc curve, so each peer meets a bcc schedule of at least its fidelity.
             schedules += [k for k in DENSE if k not in schedules]
         r = bench_workload(w, schedules=schedules, repeats=args.repeats, eager=not args.no_eager,
-                           specialize=args.specialize, peers=False if args.peers == "none" else args.peers,
+                           specialize=args.specialize, hybrid=args.hybrid, peers=False if args.peers == "none" else args.peers,
                            peer_sweep=args.peer_sweep, fewer=args.fewer, log=log)
         r.update(command=command, threads=args.threads, torch=torch.__version__)
         results[name] = r

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bcc.tools.bench.lowerings import EXTRA_LOWERINGS
 from bcc.tools.bench.peers_bench import compiled_over_eager
 
 __all__ = ["write_report", "markdown", "plot_frontier"]
@@ -49,7 +50,7 @@ def _memory(mem: dict) -> str:
 
 def _workload_md(r: dict) -> list[str]:
     c, e = r.get("compiled", {}), r.get("eager", {})
-    spec = "specialize" in r["compile"]
+    extra = [lw for lw in EXTRA_LOWERINGS if lw.strategy in r["compile"]]  # the other lowerings timed
     lines = [
         f"## {r['workload']}",
         "",
@@ -59,22 +60,22 @@ def _workload_md(r: dict) -> list[str]:
         f"- Gate overhead (all-True schedule vs the plain model), compiled: **{_f(_overhead(c), '+.1%')}** per trajectory "
         f"({_f(_step_overhead(c), '+.1%')} from per-step medians; repeat by repeat {_repeat_ratios(c)}); "
         f"eager: {_f(_overhead(e), '+.1%')}"
-        + (f"; strategy='specialize': {_f(_overhead(c, 'spec[all]'), '+.1%')}" if spec else "") + ".",
+        + "".join(f"; strategy='{lw.strategy}': {_f(_overhead(c, f'{lw.prefix}[all]'), '+.1%')}" for lw in extra) + ".",
         f"- Compile (first call, cold inductor cache): plain {r['compile']['plain']['first_call_s']:.1f} s, "
         f"bcc {r['compile']['bcc']['first_call_s']:.1f} s (capture + passes + inductor; "
         f"{r['compile']['bcc']['graphs']} graph). Graphs compiled while all schedules ran: "
         f"{r['graphs_during_timing']} (the schedule is a graph input)."
-        + (f" strategy='specialize': {r['compile']['specialize']['graphs']} graphs, compiled in "
-           f"{r['compile']['specialize']['all_rows_s']:.1f} s in all." if "specialize" in r["compile"] else ""),
+        + "".join(f" strategy='{lw.strategy}': {r['compile'][lw.strategy]['graphs']} graphs, compiled in "
+                  f"{r['compile'][lw.strategy]['all_rows_s']:.1f} s in all." for lw in extra),
         f"- Memory: the caches hold {_f(r.get('cache_mb'), '.1f')} MiB; " + _memory(r["memory"]),
         *([f"- Compute fractions: {r['recosted']} (`python -m bcc.tools.bench.speed --recost`)."] if r.get("recosted") else []),
         "",
         "| schedule | compute fraction | ideal | compiled: s / trajectory | speedup | efficiency | eager: s / trajectory "
-        "| speedup | efficiency |" + (" specialized: speedup | efficiency |" if spec else "")
+        "| speedup | efficiency |" + "".join(f" {lw.label}: speedup | efficiency |" for lw in extra)
         + (" paired PSNR dB |" if "fidelity" in r else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if spec else "") + ("---|" if "fidelity" in r else ""),
+        "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(extra) + ("---|" if "fidelity" in r else ""),
         f"| plain model | 1.000 | 1.00x | {c['plain']['trajectory_s']:.2f} | 1.00x | — | "
-        f"{_f(e.get('plain', {}).get('trajectory_s'))} | {'1.00x' if e else '—'} | — |" + (" 1.00x | — |" if spec else "")
+        f"{_f(e.get('plain', {}).get('trajectory_s'))} | {'1.00x' if e else '—'} | — |" + " 1.00x | — |" * len(extra)
         + (" — |" if "fidelity" in r else ""),
     ]
     for k, s in r["schedules"].items():
@@ -83,8 +84,8 @@ def _workload_md(r: dict) -> list[str]:
             v = s.get(backend)
             cells += [_f(t.get(f"bcc[{k}]", {}).get("trajectory_s")), _f(v and v["speedup"], ".2f") + ("x" if v else ""),
                       _f(v and v["efficiency"])]
-        if spec:
-            v = s.get("specialize")
+        for lw in extra:
+            v = s.get(lw.strategy)
             cells += [_f(v and v["speedup"], ".2f") + ("x" if v else ""), _f(v and v["efficiency"])]
         fid = f" {r['fidelity'][k]['psnr_db']:.1f} |" if "fidelity" in r else ""
         lines.append(f"| bcc {k} | {s['compute_fraction']:.3f} | {s['ideal_speedup']:.2f}x | " + " | ".join(cells) + " |" + fid)
@@ -222,7 +223,7 @@ _KINDS = (("plan-", "bcc planner (search_schedule)", "o-"), ("auto-", "bcc per-b
 
 def plot_frontier(r: dict[str, Any], path: Path) -> None:
     """Measured speedup against paired PSNR for one trained workload: bcc's schedules by
-    kind (branch strategy filled, specialize hollow), fewer steps and each peer, compiled
+    kind (branch strategy filled, specialize hollow, hybrid half filled), fewer steps and each peer, compiled
     and eager, every speedup over the plain compiled model (an eager peer's is scaled by
     plain compiled / plain eager time where both were timed)."""
     import matplotlib
@@ -234,11 +235,12 @@ def plot_frontier(r: dict[str, Any], path: Path) -> None:
     fid = r["fidelity"]
     cmap = plt.get_cmap("tab10")
     for i, (prefix, label, style) in enumerate(_KINDS):
-        for backend, how, mfc in (("compiled", "", None), ("specialize", ", specialize", "none")):
+        for backend, how, fill in (("compiled", "", "full"),
+                                   *((lw.strategy, f", {lw.label}", lw.fill) for lw in EXTRA_LOWERINGS)):
             pts = sorted((s[backend]["speedup"], fid[k]["psnr_db"]) for k, s in r["schedules"].items()
                          if k.startswith(prefix) and backend in s and k in fid)
             if pts:
-                ax.plot(*zip(*pts), style, color=cmap(i), mfc=mfc, label=label + how, ms=6)
+                ax.plot(*zip(*pts), style, color=cmap(i), fillstyle=fill, label=label + how, ms=6)
     if r.get("fewer"):
         pts = sorted((f["speedup"], f["psnr_db"]) for f in r["fewer"].values())
         ax.plot(*zip(*pts), "k^-", label="fewer steps (plain compiled)", ms=6)
