@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 
-INDUCTOR = {"layout_optimization": False}  # the same inductor settings for plain and bcc
+def _inductor() -> dict:
+    """bcc's default inductor settings, given to the plain model too (one place decides them)."""
+    import bcc
+
+    return dict(bcc.BccConfig().inductor_options)
 
 
 def _setup(name: str, latent: int, batch: int, steps: int):
@@ -42,9 +46,9 @@ def _setup(name: str, latent: int, batch: int, steps: int):
 
 def _compiled(model, schedule, variant: str):
     if variant == "plain":
-        return torch.compile(model, fullgraph=True, dynamic=False, options=dict(INDUCTOR))
+        return torch.compile(model, fullgraph=True, dynamic=False, options=_inductor())
     return torch.compile(model, backend="bcc", fullgraph=True, dynamic=False,
-                         options={"schedule": schedule, "inductor_options": dict(INDUCTOR)})
+                         options={"schedule": schedule, "inductor_options": _inductor()})
 
 
 def _child(variant: str, name: str, latent: int, batch: int, steps: int) -> None:

@@ -13,9 +13,11 @@ alternating, and reports medians:
 With each: the ideal speedup from the FLOPs the schedule executes, the efficiency
 (measured / ideal), the median per-step latency of computing steps, compile time (cold
 inductor cache), the caches' memory and the process's peak resident memory during a
-trajectory. Peers (DeepCache, diffusers' cache hooks) join through
-:mod:`bcc.tools.bench.peers`. Nothing here asserts: it measures and writes Markdown, JSON
-and a plot.
+trajectory. ``--specialize`` and ``--hybrid`` time those strategies too
+(:mod:`bcc.tools.bench.lowerings`). Peers (DeepCache, diffusers' cache hooks) join through
+:mod:`bcc.tools.bench.peers`, and each peer setting's decisions are replayed by bcc
+(:func:`bcc.tools.bench.peers_bench.replay_peers`). Nothing here asserts: it measures and
+writes Markdown, JSON and a plot.
 
 Example (a few seconds)::
 
