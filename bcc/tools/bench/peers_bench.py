@@ -22,16 +22,25 @@ from bcc.tools.bench.peers import enable, magcache_ratios, peer_settings
 __all__ = ["bench_peers", "compare_with_bcc", "compiled_over_eager", "replay_peers"]
 
 
-def _alternate(w, fns: dict, repeats: int) -> dict[str, float]:
+def _alternate_times(w, fns: dict, repeats: int, before: dict | None = None, warm: bool = True) -> dict[str, list]:
+    """Whole trajectories of each of ``fns`` in turn, ``repeats`` times; ``before[k]()`` runs
+    ahead of each of ``k``'s (a model shared by several schedules swaps its schedule in)."""
+    before = before or {}
     times = {k: [] for k in fns}
-    for fn in fns.values():  # warm-up: a guard miss or first call compiles outside the timing
+    for k, fn in fns.items() if warm else ():  # warm-up: a guard miss or first call compiles outside the timing
+        before.get(k, lambda: None)()
         w.run(fn)
     for _ in range(repeats):
         for k, fn in fns.items():
+            before.get(k, lambda: None)()
             t0 = time.perf_counter()
             w.run(fn)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _alternate(w, fns: dict, repeats: int) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in _alternate_times(w, fns, repeats).items()}
 
 
 def _dynamo_counts() -> tuple[int, int]:
@@ -172,16 +181,10 @@ def replay_peers(w, plain_c, rows: list[dict[str, Any]], *, repeats: int = 3, co
         out[label] = {"units": len(schedule.block_names), "compute_steps": int(schedule.mask.any(dim=1).sum())}
         if ref is not None:
             out[label]["psnr_db"] = min(float(mean_psnr(x.float(), ref.float())), 100.0)
-    times: dict[str, list[float]] = {"plain": [], **{k: [] for k in variants}}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        w.run(plain_c)
-        times["plain"].append(time.perf_counter() - t0)
-        for label, (m, schedule) in variants.items():
-            m.set_schedule(schedule)
-            t0 = time.perf_counter()
-            w.run(m)
-            times[label].append(time.perf_counter() - t0)
+    # Warm already (each replay ran above, plain compiled in the bench before).
+    times = _alternate_times(w, {"plain": plain_c, **{k: m for k, (m, _) in variants.items()}}, repeats,
+                             before={k: (lambda m=m, s=s: m.set_schedule(s)) for k, (m, s) in variants.items()},
+                             warm=False)
     plain = statistics.median(times["plain"])
     for label in variants:
         out[label].update(speedup=plain / statistics.median(times[label]), all_s=times[label])
