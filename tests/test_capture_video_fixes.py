@@ -180,3 +180,26 @@ def test_two_backend_compiles_with_schedules_in_one_process():
         fast = torch.compile(net, backend="bcc", dynamic=False, options={
             "schedule": bcc.Schedule.every(n, 3, ["block"]), "backend": "eager"})
         torch.testing.assert_close(fast(x), net(x))
+
+
+def test_an_inductor_without_the_cond_hooks_gets_the_pointwise_cat_fallback(monkeypatch):
+    # An inductor whose cond lowering has another shape (no classmethod to wrap): the
+    # correction stays out, the pointwise cat comes in, and a compiled schedule still equals the eager rewrite.
+    from torch._inductor import ir
+
+    from bcc.lower.inductor_fixes import inductor_settings
+
+    create = ir.Conditional.create  # bound to the class; a plain function wraps it below
+    monkeypatch.setattr(ir.Conditional, "create", staticmethod(lambda *a, **k: create(*a, **k)))
+    with inductor_settings({"layout_optimization": False}) as opts:
+        assert opts == {"force_pointwise_cat": True, "layout_optimization": False}
+    model = Wanish().eval()
+    schedule = bcc.Schedule.every(2, 3, ["b0", "b1"])
+    calls = [_inputs(s) for s in range(3)]
+    with torch.no_grad():
+        fast = bcc.compile(model, schedule)
+        got = [fast(*c) for c in calls]
+        ref = bcc.compile(model, schedule, backend="eager")
+        want = [ref(*c) for c in calls]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
