@@ -222,3 +222,50 @@ def test_python_state_the_capture_froze_is_recaptured_when_it_changes():
     model.b0.register_forward_hook(lambda m, a, out: out + 1)  # a hook added after compiling
     assert fast(x, t).tolist() == [6.0, 6.0]
     assert fast(x, t).tolist() == [9.0, 9.0]
+
+
+class _Processor:
+    def __init__(self):
+        self.scale = 1.0
+
+
+class _Stateful(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+        self.scale = 2.0
+        self.sizes = [1, 2]
+        self.options = {"mode": "a"}
+        self.processor = _Processor()
+
+
+# (what is done to the model, whether the graph may now compute something else)
+_MUTATIONS = {
+    "nothing": (lambda m: None, False),
+    "a number replaced": (lambda m: setattr(m, "scale", 3.0), True),
+    "an equal number, another object": (lambda m: setattr(m, "scale", float("2.0")), False),
+    "a list appended to": (lambda m: m.sizes.append(3), True),
+    "a dict changed in place": (lambda m: m.options.update(mode="b"), True),
+    "a hook registered": (lambda m: m.inner[0].register_forward_hook(lambda *a: None), True),
+    "a submodule replaced": (lambda m: m.inner.__setitem__(1, torch.nn.GELU()), True),
+    "a processor replaced": (lambda m: setattr(m, "processor", _Processor()), True),
+    "a processor's attribute changed": (lambda m: setattr(m.processor, "scale", 0.5), True),
+    "a public attribute added": (lambda m: setattr(m.inner[1], "b1", 1.2), True),
+    "a private bookkeeping object added": (lambda m: setattr(m, "_cache", object()), False),
+    "an attribute deleted": (lambda m: delattr(m, "sizes"), True),
+    "train mode": (lambda m: m.train(not m.training), True),
+}
+
+
+@pytest.mark.parametrize("what", list(_MUTATIONS))
+def test_frozen_state_fast_check_answers_as_a_new_snapshot_would(what):
+    # Differential: the per-trajectory check (matches) against a full new snapshot, and
+    # both against what the change means for a captured graph.
+    from bcc.capture.frozen import frozen_state
+
+    model = _Stateful()
+    before = frozen_state(model)
+    mutate, changed = _MUTATIONS[what]
+    mutate(model)
+    assert (frozen_state(model) != before) is changed
+    assert before.matches(model) is not changed

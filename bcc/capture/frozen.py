@@ -18,11 +18,13 @@ registered hook. Tensors are compared by identity only: nothing reads a value.
 """
 from __future__ import annotations
 
+import collections
+import operator
 from typing import Any
 
 import torch
 
-__all__ = ["frozen_state"]
+__all__ = ["FrozenState", "frozen_state"]
 
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 # nn.Module bookkeeping held elsewhere (parameters and buffers are compared by the
@@ -87,27 +89,101 @@ def _attribute(key: str, value: Any) -> Any:
     return (_Same(value), details)
 
 
-def frozen_state(model: torch.nn.Module) -> tuple:
+class FrozenState:
+    """What :func:`frozen_state` recorded of a model, and a cheap test of whether it still holds.
+
+    Equal snapshots record equal state. :meth:`matches` answers what taking a new
+    snapshot and comparing would, without recording everything again: a module whose
+    attributes are the very objects they were, in the same order, has changed only if
+    a container among them was empty and is not, or a mutable one records otherwise;
+    any other module is recorded again. The runtime asks at every trajectory start, so
+    it must cost little next to one denoiser call (PixArt-alpha's 663 modules: about
+    2 ms here, against 15 for a new snapshot).
+    """
+
+    __slots__ = ("_modules", "_value")
+
+    def __init__(self, modules: tuple, value: tuple):
+        self._modules = modules  # per module: a _Module
+        self._value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FrozenState) and other._value == self._value
+
+    __hash__ = None  # compared, never hashed
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        """Whether ``frozen_state(model)`` would equal this snapshot."""
+        # The tree is the same exactly when every recorded module still holds the same
+        # children under the same names (no walk of named_modules needed).
+        if not self._modules or model is not self._modules[0].module:
+            return False
+        for rec in self._modules:
+            module = rec.module
+            children = module._modules
+            if tuple(children) != rec.child_names or not all(map(operator.is_, children.values(), rec.children)):
+                return False
+        for rec in self._modules:
+            module = rec.module
+            attrs = vars(module)
+            values = tuple(attrs.values())
+            if (tuple(attrs) != rec.keys or not all(map(operator.is_, values, rec.values))
+                    or any(map(len, rec.empty(values)))
+                    or any(_attribute(k, values[j]) != r for j, k, r in rec.mutable)):
+                if _record(module) != rec.recorded:
+                    return False
+        return True
+
+
+class _Module:
+    """One module's part of a snapshot: its children, its attributes' names and objects as
+    they were, where the empty containers and the other mutable values sit, and what was
+    recorded."""
+
+    __slots__ = ("name", "module", "child_names", "children", "keys", "values", "empty", "mutable", "recorded")
+
+    def __init__(self, name: str, module: torch.nn.Module):
+        attrs = vars(module)
+        self.name, self.module = name, module
+        self.child_names, self.children = tuple(module._modules), tuple(module._modules.values())
+        self.keys, self.values = tuple(attrs), tuple(attrs.values())
+        self.recorded = _record(module)
+        kept = dict(self.recorded)
+        empty, mutable = [], []
+        for j, (key, value) in enumerate(attrs.items()):
+            if key not in kept or type(value) in _SIMPLE:
+                continue  # not recorded, or immutable
+            if type(value) in _EMPTY and not value:
+                empty.append(j)
+            else:
+                mutable.append((j, key, kept[key]))
+        # itemgetter of one index returns the item, not a tuple of it.
+        self.empty = (lambda v: ()) if not empty else (lambda v, j=empty[0]: (v[j],)) if len(empty) == 1 else \
+            operator.itemgetter(*empty)
+        self.mutable = tuple(mutable)
+
+
+# Containers whose emptiness is their whole recorded value (the hook dicts, mostly).
+_EMPTY = (dict, list, set, collections.OrderedDict)
+
+
+def _record(module: torch.nn.Module) -> tuple:
+    return tuple((key, recorded) for key, value in vars(module).items()
+                 if key not in _SKIP and (recorded := _attribute(key, value)) is not _NOT_PLAIN)
+
+
+def frozen_state(model: torch.nn.Module) -> FrozenState:
     """A value equal between two calls exactly when no Python state a capture may have
     read changed in between (see the module docstring).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
         >>> before = frozen_state(net)
-        >>> before == frozen_state(net)
-        True
+        >>> before == frozen_state(net), before.matches(net)
+        (True, True)
         >>> net[1].b1 = 1.2  # what pipe.enable_freeu does to a UNet's up blocks
-        >>> frozen_state(net) == before
-        False
+        >>> frozen_state(net) == before, before.matches(net)
+        (False, False)
     """
-    state = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        attrs = []
-        for key, value in vars(module).items():
-            if key in _SKIP:
-                continue
-            recorded = _attribute(key, value)
-            if recorded is not _NOT_PLAIN:
-                attrs.append((key, recorded))
-        state.append((name, _Same(module), tuple(attrs)))
-    return tuple(state)
+    modules = tuple(_Module(name, module) for name, module in model.named_modules(remove_duplicate=False))
+    return FrozenState(modules, tuple((m.name, _Same(m.module), m.recorded) for m in modules))

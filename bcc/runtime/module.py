@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 
 from bcc.analyze.blocks import ATTENTION, BlockSelector, find_block_regions, module_calls
 from bcc.analyze.hooks import delegating_getattr
-from bcc.capture.frozen import frozen_state
+from bcc.capture.frozen import FrozenState, frozen_state
 from bcc.capture.graph import Captured, capture, flatten_call
 from bcc.capture.signature import Signature, diff, signature_of
 from bcc.capture.timestep import TimestepWatch, timestep_finder
@@ -111,7 +111,7 @@ class BccModule(torch.nn.Module):
         self._bcc_stepper = Stepper()
         self._bcc_watch = TimestepWatch()
         self._bcc_tensors: tuple[tuple, ...] = ()  # the model's tensors at the last capture
-        self._bcc_frozen: tuple = ()  # frozen_state(model) at the last capture
+        self._bcc_frozen: FrozenState | None = None  # frozen_state(model) at the last capture
         self._bcc_locator: Any = None
         self._bcc_generation: Hashable = None
         self._bcc_find_timestep = timestep_finder(model.forward)
@@ -534,7 +534,7 @@ class BccModule(torch.nn.Module):
         now = self._model_tensors()
         same = len(now) == len(self._bcc_tensors) and all(
             a[0] is b[0] and a[1:] == b[1:] for a, b in zip(now, self._bcc_tensors))
-        return not same or frozen_state(self._orig_mod) != self._bcc_frozen
+        return not same or not self._bcc_frozen.matches(self._orig_mod)
 
     def _check_provenance(self) -> None:
         # A schedule planned from a change profile records the profiled model; applying
