@@ -254,6 +254,10 @@ _MUTATIONS = {
     "a private bookkeeping object added": (lambda m: setattr(m, "_cache", object()), False),
     "an attribute deleted": (lambda m: delattr(m, "sizes"), True),
     "train mode": (lambda m: m.train(not m.training), True),
+    "a parameter replaced": (lambda m: setattr(m.inner[0], "weight", torch.nn.Parameter(torch.ones(2, 2))), True),
+    "weights updated in place": (lambda m: m.inner[0].weight.data.add_(1.0), False),
+    "another dtype": (lambda m: m.to(torch.float64), True),
+    "a buffer registered": (lambda m: m.register_buffer("mean", torch.zeros(2)), True),
 }
 
 

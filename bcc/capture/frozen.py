@@ -6,15 +6,17 @@ becomes a constant of the graph: FreeU's ``s1, s2, b1, b2`` on a UNet's up block
 (``set_attn_processor``), fused QKV (``fuse_qkv_projections``), a LoRA layer's
 ``scaling`` and active adapters, train/eval mode, hooks. Changing one afterwards is
 invisible to the graph, so a compiled model would silently keep the old behaviour.
-:func:`frozen_state` records all of it as a comparable value; the runtime takes it at
-each capture and compares at each trajectory start, like replaced parameters, and
-captures again on a change.
+:func:`frozen_state` records all of it as a comparable value, with the parameters and
+buffers the graph reads; the runtime takes it at each capture, asks
+:meth:`FrozenState.matches` at each trajectory start, and captures again on a change.
 
-What is recorded, for every module (its path and object): the value of each plain
-attribute (numbers, strings, ``None`` and containers of them, private ones included),
-the identity of every other public attribute (a processor object, a replaced
-``forward``) with the plain attributes of that object, and the identity of each
-registered hook. Tensors are compared by identity only: nothing reads a value.
+What is recorded, for every module (its path and object): its children and its
+parameters and buffers by name (identity, dtype, device and shape: a replaced parameter
+or ``module.to(dtype)`` shows), the value of each plain attribute (numbers, strings,
+``None`` and containers of them, private ones included), the identity of every other
+public attribute (a processor object, a replaced ``forward``) with the plain attributes
+of that object, and the identity of each registered hook. No tensor value is read
+(in-place weight updates reach the graph by themselves).
 """
 from __future__ import annotations
 
@@ -120,8 +122,13 @@ class FrozenState:
             return False
         for rec in self._modules:
             module = rec.module
-            children = module._modules
+            children, params, buffers = module._modules, module._parameters, module._buffers
             if tuple(children) != rec.child_names or not all(map(operator.is_, children.values(), rec.children)):
+                return False
+            if (tuple(params), tuple(buffers)) != rec.tensor_names:
+                return False
+            tensors = (*params.values(), *buffers.values())
+            if not all(map(operator.is_, tensors, rec.tensors)) or _layouts(tensors) != rec.layouts:
                 return False
         for rec in self._modules:
             module = rec.module
@@ -140,12 +147,16 @@ class _Module:
     they were, where the empty containers and the other mutable values sit, and what was
     recorded."""
 
-    __slots__ = ("name", "module", "child_names", "children", "keys", "values", "empty", "mutable", "recorded")
+    __slots__ = ("name", "module", "child_names", "children", "tensor_names", "tensors", "layouts", "keys",
+                 "values", "empty", "mutable", "recorded")
 
     def __init__(self, name: str, module: torch.nn.Module):
         attrs = vars(module)
         self.name, self.module = name, module
         self.child_names, self.children = tuple(module._modules), tuple(module._modules.values())
+        self.tensor_names = (tuple(module._parameters), tuple(module._buffers))
+        self.tensors = (*module._parameters.values(), *module._buffers.values())
+        self.layouts = _layouts(self.tensors)
         self.keys, self.values = tuple(attrs), tuple(attrs.values())
         self.recorded = _record(module)
         kept = dict(self.recorded)
@@ -167,6 +178,11 @@ class _Module:
 _EMPTY = (dict, list, set, collections.OrderedDict)
 
 
+def _layouts(tensors: tuple) -> tuple:
+    # module.to(dtype) swaps a parameter's data, not the parameter: the layout shows it.
+    return tuple(None if t is None else (t.dtype, t.device, t.shape) for t in tensors)
+
+
 def _record(module: torch.nn.Module) -> tuple:
     return tuple((key, recorded) for key, value in vars(module).items()
                  if key not in _SKIP and (recorded := _attribute(key, value)) is not _NOT_PLAIN)
@@ -186,4 +202,5 @@ def frozen_state(model: torch.nn.Module) -> FrozenState:
         (False, False)
     """
     modules = tuple(_Module(name, module) for name, module in model.named_modules(remove_duplicate=False))
-    return FrozenState(modules, tuple((m.name, _Same(m.module), m.recorded) for m in modules))
+    return FrozenState(modules, tuple((m.name, _Same(m.module), m.tensor_names, tuple(map(_Same, m.tensors)),
+                                       m.layouts, m.recorded) for m in modules))

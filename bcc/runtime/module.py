@@ -110,7 +110,6 @@ class BccModule(torch.nn.Module):
         self._bcc_last_schedule: Schedule | None = fixed
         self._bcc_stepper = Stepper()
         self._bcc_watch = TimestepWatch()
-        self._bcc_tensors: tuple[tuple, ...] = ()  # the model's tensors at the last capture
         self._bcc_frozen: FrozenState | None = None  # frozen_state(model) at the last capture
         self._bcc_locator: Any = None
         self._bcc_generation: Hashable = None
@@ -497,7 +496,6 @@ class BccModule(torch.nn.Module):
         # step's row can come with it (specialised rows then skip dead caches).
         lowered = lower(captured, names, self._bcc_config, scale_shift=follow.scale_shift is not None,
                         lookahead=True)
-        self._bcc_tensors = self._model_tensors()
         self._bcc_frozen = frozen_state(self._orig_mod)
         return _Entry(captured, lowered)
 
@@ -521,20 +519,10 @@ class BccModule(torch.nn.Module):
                        tuple(CacheSpec(s.shape, s.dtype, s.device) for s in lowered.slots), tuple(tables),
                        window=True, lookahead=lowered.lookahead)
 
-    def _model_tensors(self) -> tuple[tuple, ...]:
-        # The tensors themselves are held (not just their ids) so that no new tensor can
-        # reuse an old one's id; dtype, device and shape catch an in-place data swap
-        # (module.to(dtype) replaces param.data, not the parameter).
-        return tuple((t, t.dtype, t.device, tuple(t.shape))
-                     for t in (*self._orig_mod.parameters(), *self._orig_mod.buffers()))
-
     def _stale(self) -> bool:
         """Whether a parameter, buffer or submodule was replaced, or frozen Python state
         changed, since the last capture."""
-        now = self._model_tensors()
-        same = len(now) == len(self._bcc_tensors) and all(
-            a[0] is b[0] and a[1:] == b[1:] for a, b in zip(now, self._bcc_tensors))
-        return not same or not self._bcc_frozen.matches(self._orig_mod)
+        return self._bcc_frozen is None or not self._bcc_frozen.matches(self._orig_mod)
 
     def _check_provenance(self) -> None:
         # A schedule planned from a change profile records the profiled model; applying
