@@ -361,6 +361,9 @@ class Check:
                 [("pixart-alpha", 64, half, False), ("sd15", 64, half, False), ("wan-bench", 32, half, True),
                  ("pixart-alpha", 64, torch.bfloat16, True)])
         for name, latent, dtype, numerics_only in plan:
+            tag = f"{name}/{str(dtype).removeprefix('torch.')}"
+            if self.args.workloads and tag not in self.args.workloads and name not in self.args.workloads:
+                continue
             try:
                 self.workload(name, latent, dtype, numerics_only)
             except Exception as e:  # building the workload failed: record and go on
@@ -419,6 +422,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed trajectories per variant (default 3, tiny 1)")
     ap.add_argument("--backend", default="inductor",
                     help="torch.compile backend for plain and bcc alike (default inductor; aot_eager for a fast dry run)")
+    ap.add_argument("--workloads", nargs="*", default=None,
+                    help="run only these (a name such as sd15 or wan-bench, or name/dtype such as pixart-alpha/bfloat16); "
+                         "default: all, in order, as far as the budget allows")
     ap.add_argument("--out", default=os.environ.get("OUT", "results/gpu"), help="where gpu_results.{json,md} go")
     args = ap.parse_args()
     args.steps = args.steps or (4 if args.tiny else 20)
