@@ -29,8 +29,8 @@ import torch
 __all__ = ["FrozenState", "frozen_state"]
 
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
-# nn.Module bookkeeping held elsewhere (parameters and buffers are compared by the
-# runtime's own check) or irrelevant to what a graph computes.
+# nn.Module bookkeeping recorded apart (children, parameters and buffers: by name and
+# identity) or irrelevant to what a graph computes.
 _SKIP = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
                    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
                    "_is_full_backward_hook", "_version"})
@@ -100,7 +100,7 @@ class FrozenState:
     a container among them was empty and is not, or a mutable one records otherwise;
     any other module is recorded again. The runtime asks at every trajectory start, so
     it must cost little next to one denoiser call (PixArt-alpha's 663 modules: about
-    2 ms here, against 15 for a new snapshot).
+    2.5 ms here, against 17 for a new snapshot).
     """
 
     __slots__ = ("_modules", "_value")
