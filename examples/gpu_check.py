@@ -1,9 +1,9 @@
 """The GPU check: one command of at most 8 minutes that says what bcc does on a GPU.
 
 Per workload (PixArt-alpha config in fp16, then SD-1.5 in fp16, then the numerics of a small
-video DiT in fp16 and of PixArt-alpha in bf16, as far as the budget allows; random weights, batch 2 as with guidance, DDIM), each section in its own ``try``
-and each variant inside a section in its own ``try``, the results written (JSON and
-Markdown) after every section:
+video DiT in fp16 and of PixArt-alpha in bf16, as far as the budget allows; random weights,
+batch 2 as with guidance, DDIM), each section in its own ``try`` and each variant inside a
+section in its own ``try``, the results written (JSON and Markdown) after every section:
 
 * ``numerics``: final latents of plain eager, plain compiled, bcc all-True (branch graph,
   compiled) and bcc's eager rewrite; relative errors against plain eager, and bcc
@@ -211,7 +211,7 @@ class Check:
         card = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
         self.results = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
                         "python": sys.version.split()[0], "budget_s": args.budget_s,
-                        "command": " ".join(sys.argv), "sections": {}}
+                        "command": _command(args), "sections": {}}
 
     def options(self, **extra) -> dict:
         return {**DEFAULT_INDUCTOR_OPTIONS, **extra}
@@ -256,7 +256,7 @@ class Check:
     def setup(self, r: dict) -> None:
         import diffusers
 
-        r.update(bcc=str(Path(bcc.__file__).parent), diffusers=diffusers.__version__,
+        r.update(bcc=_relative(Path(bcc.__file__).parent), diffusers=diffusers.__version__,
                  device=str(self.device), tiny=self.args.tiny, backend=self.args.backend)
         if self.device.type == "cuda":
             r["memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -266,7 +266,7 @@ class Check:
         w = build_workload(name, latent=latent, steps=args.steps, device=device, dtype=dtype)
         w.model.requires_grad_(False)
         T = args.steps
-        tag = f"{name}/{str(dtype).removeprefix('torch.')}"
+        tag = _tag(name, dtype)
         state: dict = {}
 
         def numerics(r: dict) -> None:
@@ -361,14 +361,32 @@ class Check:
                 [("pixart-alpha", 64, half, False), ("sd15", 64, half, False), ("wan-bench", 32, half, True),
                  ("pixart-alpha", 64, torch.bfloat16, True)])
         for name, latent, dtype, numerics_only in plan:
-            tag = f"{name}/{str(dtype).removeprefix('torch.')}"
-            if self.args.workloads and tag not in self.args.workloads and name not in self.args.workloads:
+            if self.args.workloads and _tag(name, dtype) not in self.args.workloads and name not in self.args.workloads:
                 continue
             try:
                 self.workload(name, latent, dtype, numerics_only)
             except Exception as e:  # building the workload failed: record and go on
-                self.results["sections"][f"{name}/{dtype}:build"] = _error(e)
+                self.results["sections"][f"{_tag(name, dtype)}:build"] = _error(e)
                 self.write()
+
+
+def _tag(name: str, dtype: torch.dtype) -> str:
+    """A workload's name in the results and in ``--workloads``: ``pixart-alpha/float16``."""
+    return f"{name}/{str(dtype).removeprefix('torch.')}"
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the checkout where it lies inside it (results carry no machine paths)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _command(args) -> str:
+    # The output folder is the machine's ($OUT on the GPU machine): recorded by name only.
+    out = "$OUT" if str(args.out) == os.environ.get("OUT") else _relative(Path(args.out))
+    return " ".join(["examples/gpu_check.py", *(out if a == str(args.out) else a for a in sys.argv[1:])])
 
 
 def _brief(r: dict) -> dict:

@@ -103,14 +103,17 @@ class FrozenState:
     2.5 ms here, against 17 for a new snapshot).
     """
 
-    __slots__ = ("_modules", "_value")
+    __slots__ = ("_modules",)
 
-    def __init__(self, modules: tuple, value: tuple):
+    def __init__(self, modules: tuple):
         self._modules = modules  # per module: a _Module
-        self._value = value
+
+    def _value(self) -> tuple:
+        return tuple((m.name, _Same(m.module), m.tensor_names, tuple(map(_Same, m.tensors)), m.layouts, m.recorded)
+                     for m in self._modules)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FrozenState) and other._value == self._value
+        return isinstance(other, FrozenState) and other._value() == self._value()
 
     __hash__ = None  # compared, never hashed
 
@@ -135,8 +138,8 @@ class FrozenState:
             attrs = vars(module)
             values = tuple(attrs.values())
             if (tuple(attrs) != rec.keys or not all(map(operator.is_, values, rec.values))
-                    or any(map(len, rec.empty(values)))
-                    or any(_attribute(k, values[j]) != r for j, k, r in rec.mutable)):
+                    or any(map(len, rec.empty))
+                    or any(_attribute(k, v) != r for k, v, r in rec.mutable)):
                 if _record(module) != rec.recorded:
                     return False
         return True
@@ -144,8 +147,9 @@ class FrozenState:
 
 class _Module:
     """One module's part of a snapshot: its children, its attributes' names and objects as
-    they were, where the empty containers and the other mutable values sit, and what was
-    recorded."""
+    they were, the containers among them that were empty and the other mutable values
+    (the same objects: once every attribute is found to be the object it was, these are
+    what can have changed inside), and what was recorded."""
 
     __slots__ = ("name", "module", "child_names", "children", "tensor_names", "tensors", "layouts", "keys",
                  "values", "empty", "mutable", "recorded")
@@ -161,17 +165,14 @@ class _Module:
         self.recorded = _record(module)
         kept = dict(self.recorded)
         empty, mutable = [], []
-        for j, (key, value) in enumerate(attrs.items()):
+        for key, value in attrs.items():
             if key not in kept or type(value) in _SIMPLE:
                 continue  # not recorded, or immutable
             if type(value) in _EMPTY and not value:
-                empty.append(j)
+                empty.append(value)
             else:
-                mutable.append((j, key, kept[key]))
-        # itemgetter of one index returns the item, not a tuple of it.
-        self.empty = (lambda v: ()) if not empty else (lambda v, j=empty[0]: (v[j],)) if len(empty) == 1 else \
-            operator.itemgetter(*empty)
-        self.mutable = tuple(mutable)
+                mutable.append((key, value, kept[key]))
+        self.empty, self.mutable = tuple(empty), tuple(mutable)
 
 
 # Containers whose emptiness is their whole recorded value (the hook dicts, mostly).
@@ -201,6 +202,4 @@ def frozen_state(model: torch.nn.Module) -> FrozenState:
         >>> frozen_state(net) == before, before.matches(net)
         (False, False)
     """
-    modules = tuple(_Module(name, module) for name, module in model.named_modules(remove_duplicate=False))
-    return FrozenState(modules, tuple((m.name, _Same(m.module), m.tensor_names, tuple(map(_Same, m.tensors)),
-                                       m.layouts, m.recorded) for m in modules))
+    return FrozenState(tuple(_Module(name, module) for name, module in model.named_modules(remove_duplicate=False)))
