@@ -372,6 +372,80 @@ def test_calibrate_true_cfg_measures_each_stream_against_itself():
     assert float(per_stream[:, 1:].mean()) < float(single.l1_rel[1:].mean())
 
 
+def _measured_by_hooks(pipe, attr, blocks, **kw):
+    """Independent of calibrate: each block's residual (output - input) at every call of
+    pipe.<attr>; with two calls a step for the whole generation (Wan guidance), call i of
+    the pipeline is step i // 2, stream i % 2. Returns ({step: l1_rel row}, steps run)."""
+    calls, handles, residuals = [], [], {}
+    model = getattr(pipe, attr)
+    for a in P.denoiser_attrs(pipe):
+        handles.append(getattr(pipe, a).register_forward_pre_hook(lambda m, args, k, a=a: calls.append(a),
+                                                                   with_kwargs=True))
+    for j, name in enumerate(blocks):
+        def hook(m, args, kwargs, out, j=j):
+            x = args[0] if args else kwargs["hidden_states"]
+            if calls[-1] == attr:
+                residuals[(len(calls) - 1, j)] = (out - x).double()
+        handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    try:
+        P.generate(pipe, steps=STEPS, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 2 * STEPS
+    mine = [i for i, a in enumerate(calls) if a == attr]
+    ran = sorted({i // 2 for i in mine})
+    rows = {}
+    for step in ran[1:]:
+        per_stream = [[float((residuals[(2 * step + k, j)] - residuals[(2 * step - 2 + k, j)]).abs().sum()
+                             / residuals[(2 * step + k, j)].abs().sum()) for j in range(len(blocks))]
+                      for k in (0, 1)]
+        rows[step] = [(a + b) / 2 for a, b in zip(*per_stream)]
+    return rows, ran
+
+
+def test_calibrate_each_wan22_expert_over_the_steps_it_runs():
+    _name, build_kw, kw = TWO_CALLS["wan22_two_experts"]
+    pipe = P.wan(0, **build_kw)
+    calib = dict(seeds=[0], num_inference_steps=STEPS, progress=False, height=16, width=16, num_frames=9,
+                 max_sequence_length=P.TEXT_LEN, **kw)
+    with pytest.raises(BccError) as e:
+        bcc.calibrate(pipe, [list(P.PROMPTS)], **calib)
+    assert e.value.code is ErrorCode.CALIBRATION_INVALID and "denoiser=" in str(e.value)
+    attrs = ("transformer", "transformer_2")
+    profiles = {a: bcc.calibrate(pipe, [list(P.PROMPTS)], denoiser=a, **calib) for a in attrs}  # one batch
+    hi, lo = profiles["transformer"], profiles["transformer_2"]
+    assert [type(getattr(pipe, a)).__name__ for a in attrs] == ["WanTransformer3DModel"] * 2  # put back
+    # The experts split the steps: the high-noise one runs first, the low-noise one to the end.
+    assert hi.active_steps[0] == 0 and hi.active_steps[1] == lo.active_steps[0] and lo.active_steps[1] == STEPS
+    assert 0 < lo.active_steps[0] < STEPS and tuple(hi.extra["streams"]) == tuple(lo.extra["streams"]) == (0, 1)
+    assert (hi.extra["denoiser"], lo.extra["denoiser"]) == attrs
+    for attr, profile in profiles.items():
+        rows, ran = _measured_by_hooks(P.wan(0, **build_kw), attr, profile.block_names, **kw)
+        assert ran == list(profile.steps_run)
+        want = torch.zeros(STEPS, profile.num_blocks, dtype=torch.float64)
+        for step, row in rows.items():
+            want[step] = torch.tensor(row, dtype=torch.float64)
+        torch.testing.assert_close(profile.l1_rel, want, rtol=1e-5, atol=1e-9)
+    # One plan per expert; a plan calibrated on the other expert is refused, not followed.
+    with pytest.raises(BccError) as e:
+        bcc.compile(P.wan(0, **build_kw), bcc.Plan(hi, budget=0.7), backend="eager")
+    assert e.value.code is ErrorCode.CONFIG_INVALID and "denoiser='transformer_2'" in str(e.value)
+    plans = {a: bcc.Plan(p, budget=0.7) for a, p in profiles.items()}
+    fast = bcc.compile(pipe, plans, backend="eager")
+    for attr, profile in profiles.items():
+        schedule = getattr(fast, attr).bcc_schedule_for(STEPS)
+        assert schedule.active_steps == profile.active_steps and schedule.compute_fraction() <= 0.7
+        assert schedule.mask[:profile.active_steps[0]].all()  # steps it does not run: compute, never reuse
+    with reference_of(fast, "wan", **build_kw) as (ref_pipe, ref):
+        for steps in (STEPS, 9):
+            close(P.generate(fast, steps=steps, **kw), P.generate(ref_pipe, steps=steps, **kw), exact=True)
+    own = {a: [i for i, (b, _n) in enumerate(ref.blocks) if b == a] for a in attrs}
+    reused = {a for *_x, a, r in ref.trace if sorted(r) != own[a]}
+    assert reused == set(attrs)  # each expert really reused blocks
+    assert getattr(fast, "transformer_2").bcc_schedule_for(9).active_steps[1] == 9
+
+
 # -- the README's headline example runs as written ----------------------------------------------
 def test_the_readme_pipelines_example_runs_as_written(monkeypatch):
     import pathlib

@@ -317,3 +317,98 @@ def test_plan_is_frozen_and_round_trips():
     back = bcc.Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
     assert back.speedup == 1.4 and back.granularity == "step"
     assert torch.equal(back.schedule_for(6).mask, plan.schedule_for(6).mask)
+
+
+# -- one expert of several (Wan 2.2): a profile over part of the steps ---------------------------
+def _expert(l1, start, stop, flops=None, rest=0.0):
+    full = torch.zeros(l1.shape[0], l1.shape[1], dtype=torch.float64)
+    full[start + 1:stop] = l1[start + 1:stop]
+    return ChangeProfile(full, [f"b{i}" for i in range(l1.shape[1])], block_flops=flops, rest_flops=rest,
+                         active_steps=(start, stop))
+
+
+def test_an_expert_schedule_by_hand():
+    # Steps 2..5 of 6: step 2 is its first call (fills the cache), then 0.2 a step against δ 0.3.
+    p = _expert(torch.full((6, 1), 0.2, dtype=torch.float64), 2, 6)
+    s = from_change(p, 0.3)
+    assert s.mask[:, 0].tolist() == [True, True, True, False, True, False]  # steps 0, 1: not its own
+    assert s.active_steps == (2, 6) and s.compute_fraction() == 0.5  # 2 of its 4 steps
+    assert s.to_text().splitlines()[1] == "  b0   #.#."
+    # The budget counts its own steps: 0.5 of 4 is reachable, f_min is 1 / 4.
+    assert for_budget(p, 0.5).mask[:, 0].tolist() == s.mask[:, 0].tolist()
+    with pytest.raises(BccError) as e:
+        for_budget(p, 0.2)
+    assert e.value.code is ErrorCode.BUDGET_UNREACHABLE and "0.2500" in str(e.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 10), st.integers(1, 3), st.data())
+def test_an_expert_is_planned_as_a_trajectory_of_its_own_steps(T, K, data):
+    start = data.draw(st.integers(0, T - 1))
+    stop = data.draw(st.integers(start + 1, T))
+    l1 = torch.tensor(data.draw(st.lists(st.lists(st.floats(0, 1), min_size=K, max_size=K), min_size=T, max_size=T)),
+                      dtype=torch.float64)
+    flops = data.draw(st.lists(st.floats(0.5, 4), min_size=K, max_size=K))
+    expert = _expert(l1, start, stop, flops, rest=1.0)
+    alone = l1[start:stop].clone()
+    alone[0] = 0
+    own = ChangeProfile(alone, expert.block_names, block_flops=flops, rest_flops=1.0)  # its steps only
+    threshold = data.draw(st.floats(0, 2))
+    got, want = from_change(expert, threshold), from_change(own, threshold)
+    assert torch.equal(got.mask[start:stop], want.mask) and got.mask[:start].all() and got.mask[stop:].all()
+    assert got.compute_fraction() == pytest.approx(want.compute_fraction())
+    target = data.draw(st.floats(0.05, 1.0))
+    try:
+        want = for_budget(own, target)
+    except BccError:
+        with pytest.raises(BccError):
+            for_budget(expert, target)
+        return
+    got = for_budget(expert, target)
+    assert torch.equal(got.mask[start:stop], want.mask)
+    assert got.compute_fraction() == pytest.approx(want.compute_fraction()) and got.compute_fraction() <= target + 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 60), st.data())
+def test_resampled_experts_still_split_the_steps(T, N, data):
+    b = data.draw(st.integers(1, T - 1))
+    hi = _expert(torch.rand(T, 2, dtype=torch.float64), 0, b)
+    lo = _expert(torch.rand(T, 2, dtype=torch.float64), b, T)
+    rh, rl = resample_profile(hi, N).active_steps, resample_profile(lo, N).active_steps
+    assert rh[0] == 0 and rl[1] == N and rh[1] - rh[0] >= 1 and rl[1] - rl[0] >= 1
+    if N > 1:  # where one stops the other starts, at the boundary's normalised time (to within a step)
+        assert rh[1] == rl[0] and abs(rl[0] - (b - 0.5) * (N - 1) / (T - 1)) <= 1
+    for r in (resample_profile(hi, N), resample_profile(lo, N)):
+        assert not r.l1_rel[:r.active_steps[0] + 1].any() and not r.l1_rel[r.active_steps[1]:].any()
+    assert resample_profile(lo, T) is lo
+
+
+def test_active_steps_in_files_and_bad_ranges(tmp_path):
+    p = _expert(torch.rand(5, 2, dtype=torch.float64), 1, 4)
+    p.save(tmp_path / "p.json")
+    assert ChangeProfile.load(tmp_path / "p.json").active_steps == (1, 4)
+    s = from_change(p, 0.1)
+    assert Schedule.from_dict(json.loads(json.dumps(s.to_dict()))) == s and Schedule.from_dict(s.to_dict()).active_steps == (1, 4)
+    import pickle
+    assert pickle.loads(pickle.dumps(s)).active_steps == (1, 4)
+    assert s != Schedule(s.mask, s.block_names, s.timesteps, s.block_costs, s.rest_cost)
+    assert s.reorder(["b1", "b0"]).active_steps == (1, 4)
+    for bad in [(0, 6), (3, 3), (-1, 2), (True, 3), (1.5, 3), (1, 2, 3), "ab"]:
+        with pytest.raises(BccError) as e:
+            ChangeProfile(torch.zeros(5, 1), ["a"], active_steps=bad)
+        assert e.value.code is ErrorCode.CALIBRATION_INVALID and "active_steps" in str(e.value)
+        with pytest.raises(BccError) as e:
+            Schedule(torch.ones(5, 1, dtype=torch.bool), ["a"], active_steps=bad)
+        assert e.value.code is ErrorCode.SCHEDULE_SHAPE
+    with pytest.raises(BccError) as e:  # change measured where the denoiser does not run
+        ChangeProfile(torch.tensor([[0.0], [0.3], [0.0]]), ["a"], active_steps=(2, 3))
+    assert e.value.code is ErrorCode.CALIBRATION_INVALID and "outside active_steps" in str(e.value)
+
+
+def test_the_search_refuses_a_profile_of_part_of_the_steps():
+    from bcc.plan.search import search_schedule
+
+    with pytest.raises(BccError) as e:
+        search_schedule(None, None, _expert(torch.rand(4, 1, dtype=torch.float64), 1, 4), 0.7, seeds=[0])
+    assert e.value.code is ErrorCode.CONFIG_INVALID and "bcc.Plan" in str(e.value)

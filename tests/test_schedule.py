@@ -73,7 +73,7 @@ def test_every_rejects_bad_n():
 
 def test_text_table():
     text = Schedule.every(2, 3, ["blk"]).to_text()
-    assert text.splitlines()[1] == "blk #.#"
+    assert text.splitlines() == ["step 012", " blk #.#"]  # columns under their steps
 
 
 def test_meta_is_a_read_only_copy():

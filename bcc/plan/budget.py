@@ -38,6 +38,13 @@ def resample_profile(profile: ChangeProfile, num_steps: int) -> ChangeProfile:
     Nothing is read from the timesteps (they are not known for the new step count, and
     are dropped with ``l1_std``); ``extra["resampled_from"]`` records the source's step count.
 
+    A profile of one expert (``active_steps``: Wan 2.2's experts switch at a boundary
+    timestep) keeps its boundaries at the same normalised time: the switch between steps
+    ``b - 1`` and ``b`` sits at ``u = (b - 1/2) / (T - 1)``. That is where the switch falls
+    when timesteps are a fixed function of ``u``; if a generation's boundary lands a step
+    off, its calls are still right (an expert's first call recomputes every block; a
+    step outside the range computes).
+
     Args:
         profile: measured at ``profile.num_steps`` steps.
         num_steps: the step count wanted, ``>= 1``.
@@ -52,6 +59,9 @@ def resample_profile(profile: ChangeProfile, num_steps: int) -> ChangeProfile:
         (7, 0.8, 4)
         >>> [round(v, 3) for v in resample_profile(p, 2).l1_rel[:, 0].tolist()]
         [0.0, 0.8]
+        >>> low = ChangeProfile(torch.tensor([[0.0], [0.0], [0.3], [0.2]]), ["a"], active_steps=(1, 4))
+        >>> resample_profile(low, 7).active_steps
+        (1, 7)
     """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise BccError(ErrorCode.SCHEDULE_SHAPE, f"num_steps must be an int >= 1, got {num_steps!r}.")
@@ -69,11 +79,31 @@ def resample_profile(profile: ChangeProfile, num_steps: int) -> ChangeProfile:
         frac = (pos - lo.double())[:, None]
         at = cum[lo] * (1 - frac) + cum[hi] * frac
         new = torch.cat([torch.zeros(1, l1.shape[1], dtype=torch.float64), (at[1:] - at[:-1]).clamp_min(0)])
+    active = None
+    if profile.active_steps is not None:
+        active = _rescale_range(profile.active_steps, T, num_steps)
+        new[:active[0] + 1] = 0  # the expert's first step has no previous one; before it, it does not run
+        new[active[1]:] = 0
     return ChangeProfile(
         l1_rel=new, block_names=profile.block_names, block_flops=profile.block_flops, rest_flops=profile.rest_flops,
         fingerprint=profile.fingerprint, scheduler=None if profile.scheduler is None else dict(profile.scheduler),
         guidance_scale=profile.guidance_scale, num_runs=profile.num_runs, mode=profile.mode,
-        extra={**profile.extra, "resampled_from": T})
+        extra={**profile.extra, "resampled_from": T}, active_steps=active)
+
+
+def _rescale_range(active: tuple[int, int], T: int, num_steps: int) -> tuple[int, int]:
+    # A boundary between steps b - 1 and b sits at b - 1/2 in step units: scaled to the new
+    # step count, the first new step past it is where the range starts (or stops).
+    scale = (num_steps - 1) / (T - 1) if T > 1 else 0.0
+
+    def past(b: int) -> int:
+        return 0 if b == 0 else num_steps if b == T else min(max(math.ceil((b - 0.5) * scale), 0), num_steps)
+
+    start, stop = past(active[0]), past(active[1])
+    if stop <= start:  # a range of one step shrunk to none: keep the step nearest it
+        start = min(start, num_steps - 1)
+        stop = start + 1
+    return start, stop
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ to :func:`bcc.plan.calibrate.calibrate`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from typing import Any, Sequence
 
@@ -84,16 +85,20 @@ class _Router(torch.nn.Module):
         self.num_steps[place.generation] = place.num_steps
         return self.targets.get(place.stream, self.denoiser)(*args, **kwargs)
 
-    def full_streams(self) -> list[int]:
-        """Streams that ran at every step of the last complete generation seen."""
-        for generation in sorted(self.seen, reverse=True):
-            calls, steps = self.seen[generation], self.num_steps[generation]
-            ran = {s for s, _ in calls}
-            if ran and max(ran) == steps - 1:
-                first = min(ran)
-                streams = {k for _, k in calls}
-                return sorted(k for k in streams if all((s, k) in calls for s in range(first, steps)))
-        return [0]
+    def coverage(self) -> tuple[tuple[int, int], list[int], int]:
+        """In the last generation seen (a complete run of calibrate's): the steps
+        ``(start, stop)`` this denoiser ran at, the streams that ran at every one of them,
+        and the generation's step count."""
+        generation = max(self.seen)
+        calls, steps = self.seen[generation], self.num_steps[generation]
+        ran = sorted({s for s, _ in calls})
+        start, stop = ran[0], ran[-1] + 1
+        if ran != list(range(start, stop)):
+            raise BccError(ErrorCode.CALIBRATION_INVALID,
+                           f"the denoiser ran at steps {ran} of {steps}, with gaps; bcc calibrates a denoiser over "
+                           "one run of consecutive steps (an expert's share of the trajectory).")
+        streams = {k for _, k in calls}
+        return (start, stop), sorted(k for k in streams if all((s, k) in calls for s in range(start, stop))), steps
 
 
 def _twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,7 +121,28 @@ def _mean(profiles: Sequence[ChangeProfile], streams: Sequence[int]) -> ChangePr
         scheduler=None if first.scheduler is None else dict(first.scheduler), guidance_scale=first.guidance_scale,
         num_runs=first.num_runs, mode=first.mode, timesteps=first.timesteps,
         extra={**first.extra, "streams": list(streams),
-               "per_stream_l1_rel": [p.l1_rel.tolist() for p in profiles]})
+               "per_stream_l1_rel": [p.l1_rel.tolist() for p in profiles]}, active_steps=first.active_steps)
+
+
+def _placed(profile: ChangeProfile, active: tuple[int, int], num_steps: int, timesteps: Any,
+            denoiser: str) -> ChangeProfile:
+    """``profile`` (one row per call of the measured stream) as rows of the generation's
+    ``num_steps`` steps: the denoiser's calls are steps ``start <= s < stop``."""
+    start, stop = active
+    if profile.num_steps != stop - start:
+        raise BccError(ErrorCode.CALIBRATION_INVALID,
+                       f"the measured stream made {profile.num_steps} calls per generation but ran at {stop - start} "
+                       "steps; a stream that runs at only some steps cannot be calibrated.")
+    l1 = torch.zeros(num_steps, profile.num_blocks, dtype=torch.float64)
+    l1[start:stop] = profile.l1_rel
+    std = None
+    if profile.l1_std is not None:
+        std = torch.zeros_like(l1)
+        std[start:stop] = profile.l1_std
+    ts = [float(t) for t in timesteps] if timesteps is not None and len(timesteps) == num_steps else None
+    return dataclasses.replace(profile, l1_rel=l1, l1_std=std, timesteps=ts,
+                               active_steps=None if active == (0, num_steps) else active,
+                               extra={**profile.extra, "denoiser": denoiser})
 
 
 def calibrate_pipeline(
@@ -151,19 +177,29 @@ def calibrate_pipeline(
     their first call. FLOP counts are per call of stream 0 (true-CFG streams cost the
     same, so the compute fraction is the same).
 
+    **Several denoisers** (Wan 2.2's high- and low-noise experts switch at a boundary
+    timestep): each is calibrated on its own, ``denoiser="transformer"`` then
+    ``denoiser="transformer_2"``, and compiled with a mapping of plans, one per expert.
+    A profile covers the steps its denoiser runs at, ``active_steps``; its first step
+    there has no previous one (row 0 of change), and plans count the compute fraction
+    over those steps only. A generation that starts later (``strength < 1``) is
+    calibrated the same way: the profile covers the steps it ran.
+
     Args:
         pipe: a diffusers pipeline (not yet compiled by bcc).
         prompts: the prompts (the paper: 32); each runs with each seed.
         seeds: generator seeds per prompt (the paper: 2).
         num_inference_steps, guidance_scale: passed to the pipeline (and recorded;
             ``guidance_scale=None`` keeps the pipeline's default).
-        denoiser: which attribute to calibrate (default: the pipeline's only one).
+        denoiser: which attribute to calibrate (default: the pipeline's only one; with
+            several, required).
         blocks, mode, progress: as in :func:`bcc.plan.calibrate.calibrate`.
         pipe_kwargs: more pipeline arguments (``negative_prompt``, ``true_cfg_scale``,
             ``height``, ...).
 
     Returns:
-        A :class:`ChangeProfile` (``extra["streams"]``: the streams measured).
+        A :class:`ChangeProfile` (``extra["streams"]``: the streams measured;
+        ``extra["denoiser"]``: the attribute; ``active_steps`` where it ran at only some steps).
 
     Example:
         >>> from diffusers import DDIMScheduler, DiffusionPipeline
@@ -196,16 +232,13 @@ def calibrate_pipeline(
     if denoiser is None:
         if len(attrs) != 1:
             raise BccError(ErrorCode.CALIBRATION_INVALID,
-                           f"{type(pipe).__name__} has {len(attrs)} denoisers {attrs}; say which with denoiser=... "
-                           "(Wan 2.2's experts each run only part of the steps: calibrating them is not supported "
-                           "yet; use a Schedule per expert).")
+                           f"{type(pipe).__name__} has {len(attrs)} denoisers {attrs}; calibrate each with denoiser=... "
+                           "(each profile covers the steps that denoiser runs at) and compile with one Plan per "
+                           "denoiser: bcc.compile(pipe, {name: bcc.Plan(profile, budget=...) for name, profile in "
+                           "profiles.items()}).")
         denoiser = attrs[0]
     if denoiser not in attrs:
         raise BccError(ErrorCode.CALIBRATION_INVALID, f"{type(pipe).__name__} has no denoiser {denoiser!r}; it has {attrs}.")
-    if len(attrs) > 1:
-        raise BccError(ErrorCode.CALIBRATION_INVALID,
-                       "calibrating one expert of a pipeline with several denoisers (Wan 2.2) is not supported yet: "
-                       "each runs only part of the steps.")
     original = getattr(pipe, denoiser)
     if hasattr(original, "bcc_stepper"):
         raise BccError(ErrorCode.CALIBRATION_INVALID,
@@ -232,8 +265,11 @@ def calibrate_pipeline(
             profiles.append(calibrate_model(twin, sample, list(prompts), seeds, blocks=blocks, mode=mode,
                                             scheduler=pipe.scheduler, guidance_scale=guidance_scale,
                                             progress=progress))
+            active, covered, num_steps = router.coverage()
             if k == 0:
-                streams = router.full_streams()
+                streams = covered
+            profiles[-1] = _placed(profiles[-1], active, num_steps, getattr(pipe.scheduler, "timesteps", None),
+                                   denoiser)
             k += 1
     finally:
         setattr(pipe, denoiser, original)

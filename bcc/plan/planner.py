@@ -92,13 +92,16 @@ def compute_fraction(mask: torch.Tensor, block_costs: Sequence[float] | None = N
     return float(executed / total)
 
 
-def _mask(l1: torch.Tensor, threshold: float, sum_from: str) -> torch.Tensor:
+def _mask(l1: torch.Tensor, threshold: float, sum_from: str, run: range) -> torch.Tensor:
     T, K = l1.shape
-    mask = torch.zeros(T, K, dtype=torch.bool)
-    mask[0] = True
+    # Steps the denoiser does not run at (another expert's) stay True: if a call lands
+    # there after all (its boundary falls one step off at a resampled step count), it
+    # computes, which is what its first call does anyway.
+    mask = torch.ones(T, K, dtype=torch.bool)
+    mask[run.start + 1:run.stop] = False
     for i in range(K):
-        acc = 0.0  # change since the cache was filled at step t_a = 0
-        for s in range(1, T):
+        acc = 0.0  # change since the cache was filled at step t_a = the first step run
+        for s in run[1:]:
             acc += float(l1[s, i])
             if acc > threshold:
                 mask[s, i] = True
@@ -145,7 +148,7 @@ def plan_from_change(profile: ChangeProfile, threshold: float, *, sum_from: str 
             f"threshold must be a number >= 0 (a relative L1 change budget), got {threshold!r}. The paper "
             "used 0.5; use Schedule.for_budget to pick it from a speed target instead.",
         )
-    mask = _mask(_curves(profile, granularity), float(threshold), sum_from)
+    mask = _mask(_curves(profile, granularity), float(threshold), sum_from, profile.steps_run)
     return PlannedMask(mask, float(threshold),
                 {"threshold": float(threshold), "sum_from": sum_from, "granularity": granularity,
                  "profile_fingerprint": profile.fingerprint, "scheduler": profile.scheduler,
@@ -153,7 +156,9 @@ def plan_from_change(profile: ChangeProfile, threshold: float, *, sum_from: str 
 
 
 def _fraction(profile: ChangeProfile, mask: torch.Tensor) -> float:
-    return compute_fraction(mask, profile.block_flops, profile.rest_flops)
+    # Of the work this denoiser does: the steps it runs at (an expert's share of them).
+    run = profile.steps_run
+    return compute_fraction(mask[run.start:run.stop], profile.block_flops, profile.rest_flops)
 
 
 def plan_for_budget(profile: ChangeProfile, target: float, *, kind: str = "fraction", sum_from: str = "next",
@@ -189,22 +194,22 @@ def plan_for_budget(profile: ChangeProfile, target: float, *, kind: str = "fract
         raise BccError(ErrorCode.BUDGET_UNREACHABLE, f"target must be a positive number, got {target!r}.")
     fraction = 1.0 / target if kind == "speedup" else float(target)
     curves = _curves(profile, granularity)
-    lo_mask = _mask(curves, math.inf, sum_from)  # everything reused after step 0
+    lo_mask = _mask(curves, math.inf, sum_from, profile.steps_run)  # everything reused after the first step
     f_min = _fraction(profile, lo_mask)
     if fraction > 1.0 + 1e-12 or fraction < f_min - 1e-12:
         raise BccError(
             ErrorCode.BUDGET_UNREACHABLE,
             f"a compute fraction of {fraction:.4f} is not reachable: with this profile schedules range from "
-            f"{f_min:.4f} (compute every block only at step 0; ideal speedup {1 / f_min:.2f}x) to 1.0. "
+            f"{f_min:.4f} (compute every block only at the first step; ideal speedup {1 / f_min:.2f}x) to 1.0. "
             "Ask for a fraction in that range (or a speedup up to the maximum).",
         )
     lo, hi = 0.0, float(curves.sum()) + 1.0  # fraction(lo) is largest, fraction(hi) = f_min
-    if _fraction(profile, _mask(curves, lo, sum_from)) <= fraction:
+    if _fraction(profile, _mask(curves, lo, sum_from, profile.steps_run)) <= fraction:
         hi = lo
     else:
         for _ in range(60):
             mid = (lo + hi) / 2
-            if _fraction(profile, _mask(curves, mid, sum_from)) <= fraction:
+            if _fraction(profile, _mask(curves, mid, sum_from, profile.steps_run)) <= fraction:
                 hi = mid
             else:
                 lo = mid

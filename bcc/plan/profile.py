@@ -14,7 +14,7 @@ import torch
 from bcc._io import freeze, read_json, thaw, write_json
 from bcc.errors import BccError, ErrorCode
 
-__all__ = ["ChangeProfile", "model_fingerprint", "scheduler_info"]
+__all__ = ["ChangeProfile", "check_active_steps", "model_fingerprint", "scheduler_info"]
 
 FORMAT = "bcc-change-profile"
 VERSION = 1
@@ -65,6 +65,9 @@ class ChangeProfile:
         scheduler: :func:`scheduler_info` of the sampler's scheduler.
         guidance_scale, num_runs, mode, timesteps: how it was measured.
         extra: free-form, JSON-like provenance (e.g. the command line that measured it).
+        active_steps: ``(start, stop)``: the denoiser runs at steps ``start <= s < stop``
+            only (Wan 2.2's two experts each run a part of the trajectory); rows outside are
+            0 and row ``start``, its first call, has no previous step either. None: every step.
 
     The record is immutable: tensors are private copies, ``scheduler`` and ``extra`` are
     read-only copies (add provenance with :meth:`with_extra`, which returns a new profile).
@@ -87,6 +90,7 @@ class ChangeProfile:
     mode: str = "residual"
     timesteps: tuple[float, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    active_steps: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         # A private copy (as_tensor alone would alias a float64 tensor the caller keeps).
@@ -111,6 +115,13 @@ class ChangeProfile:
             object.__setattr__(self, "block_flops", tuple(float(f) for f in self.block_flops))
         if self.timesteps is not None:
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        if self.active_steps is not None:
+            object.__setattr__(self, "active_steps", check_active_steps(self.active_steps, l1.shape[0]))
+            start, stop = self.active_steps
+            if l1[:start].any() or l1[stop:].any():
+                raise BccError(ErrorCode.CALIBRATION_INVALID,
+                               f"l1_rel has change at steps outside active_steps {self.active_steps}, where the "
+                               "denoiser does not run; those rows must be 0.")
         for name in ("scheduler", "extra"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
@@ -136,6 +147,11 @@ class ChangeProfile:
     @property
     def num_steps(self) -> int:
         return int(self.l1_rel.shape[0])
+
+    @property
+    def steps_run(self) -> range:
+        """The steps at which the denoiser runs: ``range(*active_steps)``, else every step."""
+        return range(*(self.active_steps or (0, self.num_steps)))
 
     @property
     def num_blocks(self) -> int:
@@ -178,6 +194,7 @@ class ChangeProfile:
             "mode": self.mode,
             "timesteps": None if self.timesteps is None else list(self.timesteps),
             "extra": thaw(self.extra),
+            "active_steps": None if self.active_steps is None else list(self.active_steps),
         }
 
     @classmethod
@@ -196,6 +213,7 @@ class ChangeProfile:
                 mode=d.get("mode", "residual"),
                 timesteps=d.get("timesteps"),
                 extra=d.get("extra") or {},
+                active_steps=None if d.get("active_steps") is None else tuple(d["active_steps"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BccError(ErrorCode.FILE_INVALID, f"change profile data is incomplete or malformed ({e}); recreate it.") from None
@@ -215,11 +233,27 @@ class ChangeProfile:
         total = sum(flops) + self.rest_flops
         width = max(len(n) for n in self.block_names)
         lines = [f"{'block':<{width}}  mean_l1  max_l1  flops%"]
+        run = self.steps_run
+        rows = run[1:] if len(run) > 1 else run  # the first call has no previous step
         for i, name in enumerate(self.block_names):
-            col = self.l1_rel[1:, i] if self.num_steps > 1 else self.l1_rel[:, i]
+            col = self.l1_rel[rows.start:rows.stop, i]
             share = 100 * flops[i] / total if total else float("nan")
             lines.append(f"{name:<{width}}  {col.mean():7.3f}  {col.max():6.3f}  {share:6.2f}")
         return "\n".join(lines)
+
+
+def check_active_steps(active: Any, num_steps: int, code: ErrorCode = ErrorCode.CALIBRATION_INVALID) -> tuple[int, int]:
+    """``active`` as a validated ``(start, stop)`` range of a ``num_steps``-step trajectory."""
+    try:
+        start, stop = (int(v) for v in active)
+        ok = all(not isinstance(v, bool) and float(v) == int(v) for v in active)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or not 0 <= start < stop <= num_steps:
+        raise BccError(code,
+                       f"active_steps must be (start, stop) with 0 <= start < stop <= {num_steps} (the steps the "
+                       f"denoiser runs at), got {active!r}.")
+    return start, stop
 
 
 def _rebuild(fields: dict[str, Any]) -> ChangeProfile:

@@ -16,6 +16,7 @@ import torch
 from bcc._io import freeze, read_json, thaw, write_json
 from bcc.errors import BccError, ErrorCode
 from bcc.plan import planner
+from bcc.plan.profile import check_active_steps
 
 __all__ = ["Schedule"]
 
@@ -41,6 +42,10 @@ class Schedule:
         meta: free-form, JSON-like provenance (threshold, profile fingerprint, ...),
             saved along; copied read-only at construction (add to it with
             :meth:`with_meta`, which returns a new schedule).
+        active_steps: ``(start, stop)``: the denoiser runs at steps ``start <= s < stop``
+            only (one of Wan 2.2's two experts), so :meth:`compute_fraction` counts those
+            steps. It does not gate anything: a call at any step follows its row (the first
+            call of a trajectory recomputes every block whatever the row says).
 
     Example:
         >>> s = Schedule.every(2, 4, ["a", "b"])
@@ -56,6 +61,7 @@ class Schedule:
     block_costs: tuple[float, ...] | None = field(default=None)
     rest_cost: float = 0.0
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    active_steps: tuple[int, int] | None = None
 
     # The generated __eq__ would compare masks with ``==`` (a tensor, whose truth value is
     # ambiguous); Dynamo compares backend options when it recompiles, so equality must work.
@@ -64,7 +70,7 @@ class Schedule:
             return NotImplemented
         return (self.block_names == other.block_names and self.timesteps == other.timesteps
                 and self.block_costs == other.block_costs and self.rest_cost == other.rest_cost
-                and self.mask.shape == other.mask.shape and torch.equal(self.mask, other.mask))
+                and self.active_steps == other.active_steps and self.mask.shape == other.mask.shape and torch.equal(self.mask, other.mask))
 
     def __hash__(self) -> int:
         return hash((self.block_names, tuple(self.mask.shape), self.timesteps))
@@ -120,6 +126,9 @@ class Schedule:
             if len(self.block_costs) != len(names):
                 raise BccError(ErrorCode.SCHEDULE_NAMES, "block_costs needs one cost per block.")
             object.__setattr__(self, "block_costs", tuple(float(c) for c in self.block_costs))
+        if self.active_steps is not None:
+            object.__setattr__(self, "active_steps",
+                               check_active_steps(self.active_steps, mask.shape[0], ErrorCode.SCHEDULE_SHAPE))
         if not isinstance(self.meta, Mapping):
             raise BccError(ErrorCode.CONFIG_INVALID,
                            f"Schedule meta must be a mapping (a dict of provenance), got {type(self.meta).__name__}.")
@@ -129,7 +138,7 @@ class Schedule:
 
     def __reduce__(self):  # a read-only mapping does not pickle (nor deepcopy): rebuild from a dict
         return Schedule, (self.mask, self.block_names, self.timesteps, self.block_costs, self.rest_cost,
-                          thaw(self.meta))
+                          thaw(self.meta), self.active_steps)
 
     def with_meta(self, **entries: Any) -> "Schedule":
         """The same schedule with ``entries`` added to (or replacing ones in) its ``meta``.
@@ -196,7 +205,8 @@ class Schedule:
         if block_costs is None and self.block_costs is not None:
             block_costs = self.block_costs
             rest_cost = self.rest_cost if rest_cost is None else rest_cost
-        return planner.compute_fraction(self.mask, block_costs, 0.0 if rest_cost is None else rest_cost)
+        start, stop = self.active_steps or (0, self.num_steps)
+        return planner.compute_fraction(self.mask[start:stop], block_costs, 0.0 if rest_cost is None else rest_cost)
 
     def ideal_speedup(self, block_costs: Sequence[float] | None = None, rest_cost: float | None = None) -> float:
         """Total work divided by executed work: the speedup if time followed FLOPs."""
@@ -216,7 +226,7 @@ class Schedule:
             )
         index = [self.block_names.index(n) for n in names]
         costs = None if self.block_costs is None else tuple(self.block_costs[i] for i in index)
-        return Schedule(self.mask[:, index], names, self.timesteps, costs, self.rest_cost, self.meta)
+        return Schedule(self.mask[:, index], names, self.timesteps, costs, self.rest_cost, self.meta, self.active_steps)
 
     def __repr__(self) -> str:
         return (
@@ -229,7 +239,7 @@ class Schedule:
     def from_plan(cls, profile, plan: planner.PlannedMask) -> "Schedule":
         """Wrap a :class:`bcc.plan.planner.PlannedMask` made from ``profile``: its blocks, timesteps and costs."""
         return cls(plan.mask, profile.block_names, profile.timesteps, profile.block_flops, profile.rest_flops,
-                   plan.meta)
+                   plan.meta, profile.active_steps)
 
     @classmethod
     def from_change(cls, profile, threshold: float, *, sum_from: str = "next", granularity: str = "block") -> "Schedule":
@@ -279,6 +289,7 @@ class Schedule:
             "rest_cost": self.rest_cost,
             "compute_fraction": self.compute_fraction(),
             "meta": thaw(self.meta),
+            "active_steps": None if self.active_steps is None else list(self.active_steps),
         }
 
     @classmethod
@@ -287,8 +298,9 @@ class Schedule:
             mask = torch.tensor(d["mask"], dtype=torch.int64)
             if ((mask != 0) & (mask != 1)).any():
                 raise ValueError("mask holds values other than 0/1")
+            active = d.get("active_steps")
             return cls(mask.bool(), tuple(d["block_names"]), d.get("timesteps"), d.get("block_costs"),
-                       float(d.get("rest_cost", 0.0)), d.get("meta") or {})
+                       float(d.get("rest_cost", 0.0)), d.get("meta") or {}, None if active is None else tuple(active))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise BccError(ErrorCode.FILE_INVALID, f"schedule data is incomplete or malformed ({e}); recreate it.") from None
 
@@ -302,9 +314,17 @@ class Schedule:
         return cls.from_dict(read_json(path, "bcc-schedule", 1))
 
     def to_text(self) -> str:
-        """A table, one row per block: ``#`` recompute, ``.`` reuse."""
-        width = max(len(n) for n in self.block_names)
+        """A table, one row per block: ``#`` recompute, ``.`` reuse, `` `` a step the denoiser does not run.
+
+        Example:
+            >>> print(Schedule(torch.tensor([[True], [True], [False], [True]]), ["a"], active_steps=(1, 4)).to_text())
+            step 0123
+               a  #.#
+        """
+        width = max(len("step"), *(len(n) for n in self.block_names))
+        run = range(*(self.active_steps or (0, self.num_steps)))
         rows = [f"{'step':>{width}} " + "".join(str(s % 10) for s in range(self.num_steps))]
         for i, name in enumerate(self.block_names):
-            rows.append(f"{name:>{width}} " + "".join("#" if v else "." for v in self.mask[:, i].tolist()))
+            rows.append(f"{name:>{width}} " + "".join(
+                " " if s not in run else "#" if v else "." for s, v in enumerate(self.mask[:, i].tolist())))
         return "\n".join(rows)

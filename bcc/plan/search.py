@@ -306,6 +306,11 @@ def search_schedule(denoiser: Any, run: Callable[[Any, int], torch.Tensor], prof
                        f"{tuple(families)!r}.")
     if not seeds:
         raise BccError(ErrorCode.CONFIG_INVALID, "search_schedule needs at least one seed to score on.")
+    if profile.active_steps is not None:
+        raise BccError(ErrorCode.CONFIG_INVALID,
+                       f"this profile covers steps {profile.active_steps} of {profile.num_steps} only (one expert, or a "
+                       "generation that started late); the search scores whole trajectories of one denoiser. Use "
+                       "bcc.Plan(profile, budget=...) for it.")
     cost = cost or CostModel.from_profile(profile)
     timed = cost.with_profile(profile)  # refuses a cost model of other blocks
     T, K = profile.num_steps, profile.num_blocks

@@ -113,6 +113,17 @@ class PipelineLocator:
             self._last.end()
 
 
+def _check_measured_on(schedule: Any, attr: str, pipe: Any) -> None:
+    # Wan 2.2's experts share one config, so the fingerprint cannot tell their profiles
+    # apart; the attribute calibrate recorded can. A swapped plan would give right images
+    # (an expert's first call computes everything) at the wrong cost, said nowhere.
+    measured = {p.extra.get("denoiser") for p in getattr(schedule, "profiles", ())} - {None}
+    if measured and measured != {attr}:
+        raise BccError(ErrorCode.CONFIG_INVALID,
+                       f"the plan for {type(pipe).__name__}.{attr} was calibrated on pipe.{sorted(measured)[0]}; "
+                       f"pass the plan calibrated with denoiser={attr!r} (bcc.calibrate(pipe, ..., denoiser={attr!r})).")
+
+
 def compile_pipeline(pipe: Any, schedule: Any, compile_model: Callable[[Any, Any], BccModule]) -> Any:
     """Compile every denoiser of ``pipe`` with ``compile_model(denoiser, schedule)`` and
     drive it with ``pipe``'s scheduler; returns ``pipe`` (the same object). What
@@ -175,6 +186,7 @@ def compile_pipeline(pipe: Any, schedule: Any, compile_model: Callable[[Any, Any
     for attr in attrs:
         denoiser = getattr(pipe, attr)
         wanted = schedule[attr] if isinstance(schedule, Mapping) else schedule
+        _check_measured_on(wanted, attr, pipe)
         if isinstance(denoiser, BccModule):
             if wanted is not denoiser.bcc_plan and wanted is not denoiser.bcc_schedule:
                 raise BccError(ErrorCode.CONFIG_INVALID,
