@@ -71,6 +71,22 @@ def test_schedule_show_plot(profile_path, tmp_path, capsys):
     assert main(["plot", str(profile_path), "--out", str(tmp_path / "top.png"), "--top", "2"]) == 0
 
 
+def test_an_experts_profile_through_schedule_and_show(tmp_path, capsys):
+    l1 = torch.zeros(6, 2, dtype=torch.float64)
+    l1[3:] = 0.2
+    path = tmp_path / "lo.json"
+    ChangeProfile(l1, ["a", "b"], active_steps=(2, 6), extra={"denoiser": "transformer_2"}).save(path)
+    assert main(["show", str(path)]) == 0
+    assert "runs at steps 2-5 of 6 only" in capsys.readouterr().out
+    assert main(["schedule", "--profile", str(path), "--threshold", "0.3", "--out", str(tmp_path / "s.json")]) == 0
+    capsys.readouterr()
+    s = Schedule.load(tmp_path / "s.json")
+    assert s.active_steps == (2, 6) and s.compute_fraction() == 0.5
+    assert main(["show", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "runs at steps 2-5 of 6 only" in out and "  a   #.#." in out
+
+
 def test_schedule_threshold_literal_speedup_every(profile_path, tmp_path, capsys):
     p = ChangeProfile.load(profile_path)
     a, b, c, d = (tmp_path / f"{n}.json" for n in "abcd")

@@ -102,3 +102,25 @@ def test_lifetimes():
     # The lifetimes of a block tile the steps exactly.
     for spans in lifetimes(mask):
         assert sum(n for _, n in spans) == 5
+
+
+def _grey_share(path):
+    with Image.open(path) as im:
+        px = list(im.convert("RGB").getdata())
+    return sum(p == (224, 224, 224) for p in px) / len(px)  # the "not run" shading, 0.88 grey
+
+
+def test_an_experts_steps_not_run_are_shaded(tmp_path):
+    # Wan 2.2's low-noise expert: steps 6..19 of 20; its first (6) has no previous step.
+    full = synthetic_profile(4)
+    l1 = full.l1_rel.clone()
+    l1[:7] = 0
+    expert = ChangeProfile(l1, full.block_names, block_flops=full.block_flops, rest_flops=full.rest_flops,
+                           active_steps=(6, 20))
+    for name, profile in (("full", full), ("expert", expert)):
+        plot_change(profile, tmp_path / f"change_{name}.png")
+        plot_change(profile, tmp_path / f"top_{name}.png", top=2)
+        plot_schedule(Schedule.for_budget(profile, 0.6), tmp_path / f"schedule_{name}.png")
+    for kind in ("change", "top", "schedule"):
+        assert _grey_share(tmp_path / f"{kind}_full.png") < 0.005
+        assert _grey_share(tmp_path / f"{kind}_expert.png") > 0.05

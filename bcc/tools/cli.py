@@ -140,6 +140,11 @@ def _load(path: str):
                    "use a file written by 'bcc calibrate' or 'bcc schedule'.")
 
 
+def _runs_at(active: tuple[int, int], num_steps: int) -> str:
+    return (f"runs at steps {active[0]}-{active[1] - 1} of {num_steps} only (one expert); fractions count those "
+            "steps")
+
+
 def _cmd_show(args) -> int:
     obj = _load(args.file)
     if isinstance(obj, ChangeProfile):
@@ -148,11 +153,15 @@ def _cmd_show(args) -> int:
               f"mode={obj.mode}, scheduler={sched}, guidance={obj.guidance_scale}, fingerprint={obj.fingerprint}")
         if obj.timesteps:
             print("timesteps " + " ".join(f"{t:g}" for t in obj.timesteps))
+        if obj.active_steps is not None:
+            print(_runs_at(obj.active_steps, obj.num_steps))
         if obj.extra:
             print("extra " + json.dumps(obj.to_dict()["extra"], sort_keys=True))
         print(obj.summary())
     else:
         print(f"schedule {args.file}: {obj.num_steps} steps x {obj.num_blocks} blocks")
+        if obj.active_steps is not None:
+            print(_runs_at(obj.active_steps, obj.num_steps))
         _print_schedule_numbers(obj)
         if obj.meta:
             print("meta " + json.dumps(obj.to_dict()["meta"], sort_keys=True, default=str))

@@ -94,25 +94,26 @@ def plot_change(profile: ChangeProfile, path: str | os.PathLike, *, top: int | N
     l1, std = profile.l1_rel, profile.l1_std
     names = list(profile.block_names)
     index = list(range(len(names)))
+    if top is not None and top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    run = profile.steps_run  # an expert's steps (Wan 2.2); its first has no previous step
+    steps = list(run[1:] if len(run) > 1 else run)
     if top is not None:
-        if top < 1:
-            raise ValueError(f"top must be >= 1, got {top}")
-        means = l1[1:].mean(0) if profile.num_steps > 1 else l1[0]
+        means = l1[steps].mean(0)
         index = sorted(torch.argsort(means, descending=True)[:top].tolist())
     colors = _colors(len(names))
-    first = 1 if profile.num_steps > 1 else 0
-    steps = list(range(first, profile.num_steps))
     title = f"Block change per step: L1_rel  ({_describe(profile)})"
     if top is not None and len(index) < len(names):
         title += f", top {len(index)} by mean change"
 
     def draw(ax, i, label=True):
-        y = l1[first:, i]
+        y = l1[steps, i]
         ax.plot(steps, y.tolist(), color=colors[i], lw=1.6, marker="o" if len(steps) <= 30 else None,
                 ms=2.5, label=names[i] if label else None)
         if std is not None:
-            lo, hi = (y - std[first:, i]).clamp_min(0), y + std[first:, i]
+            lo, hi = (y - std[steps, i]).clamp_min(0), y + std[steps, i]
             ax.fill_between(steps, lo.tolist(), hi.tolist(), color=colors[i], alpha=0.15, lw=0)
+        _not_run(ax, run, profile.num_steps)
 
     if len(index) <= MAX_LINES_PER_AXES:
         fig = plt.figure(figsize=(9.5, max(4.0, 1.6 + 0.24 * len(index))), layout="constrained")
@@ -135,7 +136,7 @@ def plot_change(profile: ChangeProfile, path: str | os.PathLike, *, top: int | N
     # Fixed margins: constrained layout costs seconds with 60 panels.
     fig.subplots_adjust(left=0.85 / width, right=1 - 0.1 / width, bottom=0.6 / height, top=1 - 0.75 / height,
                         wspace=0.1, hspace=0.42)
-    median = l1[first:].median(dim=1).values.tolist()
+    median = l1[steps].median(dim=1).values.tolist()
     for k, ax in enumerate(axes.flat):
         if k >= len(index):
             ax.set_visible(False)
@@ -152,6 +153,13 @@ def plot_change(profile: ChangeProfile, path: str | os.PathLike, *, top: int | N
     fig.supylabel("relative L1 change to previous step", fontsize=9, x=0.12 / width)
     fig.suptitle(title + "\ngrey: median over all blocks; band: ±1 std over runs", fontsize=10)
     return _save(fig, path)
+
+
+def _not_run(ax, run: range, num_steps: int) -> None:
+    # Steps another denoiser runs (the other Wan 2.2 expert): shaded, so the curve's span reads as part of the trajectory.
+    for lo, hi in ((-0.5, run.start - 0.5), (run.stop - 0.5, num_steps - 0.5)):
+        if hi > lo:
+            ax.axvspan(lo, hi, color="0.88", lw=0, zorder=0)
 
 
 def lifetimes(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -176,6 +184,7 @@ def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     (the steps in between reuse that cache, alternate lifetimes are shaded lighter); the
     recompute steps are marked with a dot, and the right margin gives each block's number of recomputes. The title
     gives the compute fraction and the ideal speedup (and the threshold, if recorded).
+    A schedule of one expert (``active_steps``) shades the steps it does not run.
 
     Args:
         schedule: a :class:`~bcc.Schedule`.
@@ -192,15 +201,18 @@ def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     """
     T, K = schedule.num_steps, schedule.num_blocks
     names = schedule.block_names
+    run = range(*(schedule.active_steps or (0, T)))
     colors = _colors(K)
     fig = plt.figure(figsize=(max(7.0, 3.5 + 0.28 * T), max(2.6, 1.3 + 0.24 * K)), layout="constrained")
     ax = fig.add_subplot()
-    for i, spans in enumerate(lifetimes(schedule.mask)):
+    _not_run(ax, run, T)
+    for i, spans in enumerate(lifetimes(schedule.mask[run.start:run.stop])):
+        spans = [(s + run.start, n) for s, n in spans]
         for k, (s, n) in enumerate(spans):  # alternate shades so neighbouring lifetimes separate
             ax.broken_barh([(s - 0.44, n - 0.12)], (i - 0.36, 0.72), facecolors=colors[i],
                            edgecolor="none", alpha=0.9 if k % 2 == 0 else 0.55)
         ax.plot([s for s, _ in spans], [i] * len(spans), "o", color="black", ms=3.2 if K <= 30 else 2.4)
-        ax.text(T - 0.2, i, f"{len(spans)}/{T}", va="center", fontsize=7, color="0.3")
+        ax.text(T - 0.2, i, f"{len(spans)}/{len(run)}", va="center", fontsize=7, color="0.3")
     ax.set_xlim(-0.6, T + 0.9 + 0.02 * T)
     ax.set_ylim(K - 0.5, -0.5)
     ax.set_yticks(range(K), [_short(n, 40) for n in names], fontsize=8 if K <= 30 else 6.5)
@@ -209,8 +221,10 @@ def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     ax.set_xlabel("sampling step (0 = noise)\nbar = one cache lifetime, dot = recompute, right = recomputes / steps",
                   fontsize=9)
     ax.grid(axis="x", alpha=0.25)
-    title = f"Cache schedule, {K} blocks × {T} steps\ncompute fraction {schedule.compute_fraction():.3f}, " \
-            f"ideal speedup {schedule.ideal_speedup():.2f}x"
+    title = f"Cache schedule, {K} blocks × {T} steps"
+    if len(run) < T:
+        title += f" (runs at steps {run.start}-{run.stop - 1}; shaded: not run)"
+    title += f"\ncompute fraction {schedule.compute_fraction():.3f}, ideal speedup {schedule.ideal_speedup():.2f}x"
     threshold = schedule.meta.get("threshold")
     if threshold is not None:
         title += f", δ = {threshold:.4g}"
