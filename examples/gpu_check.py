@@ -85,7 +85,7 @@ def _left(budget: float) -> float:
     return budget - (time.perf_counter() - START)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -95,12 +95,12 @@ def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _error(e: BaseException) -> dict:
+def error_record(e: BaseException) -> dict:
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400],
             "trace": traceback.format_exc()[-1500:]}
 
 
-class _Calls:
+class Calls:
     """Wraps a denoiser: host time of each call, CUDA-event GPU time, and (optionally)
     the CUDA syncs inside the call, from ``torch.cuda.set_sync_debug_mode("warn")``."""
 
@@ -154,27 +154,27 @@ def _variant(w, fn, device: torch.device, repeats: int, before=None) -> dict:
     none expected once every row has run)."""
     counts = _dynamo_counts()
     before and before()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     w.run(fn)
-    _sync(device)
+    sync(device)
     r = {"first_trajectory_s": time.perf_counter() - t0, "compiles": _delta(counts)["compiles"]}
     counts_after = _dynamo_counts()
     times, host, gpu = [], [], []
     for _ in range(repeats):
-        calls = _Calls(fn, device)
+        calls = Calls(fn, device)
         before and before()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         w.run(calls)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         host += calls.host
         gpu += calls.gpu_ms()
     r["trajectory_s"] = statistics.median(times)
     r["step_host_ms"] = 1000 * statistics.median(host)
     r["step_gpu_ms"] = statistics.median(gpu) if gpu else None
-    counted = _Calls(fn, device, count_syncs=True)
+    counted = Calls(fn, device, count_syncs=True)
     before and before()
     w.run(counted)
     r["syncs_per_step"] = counted.syncs / len(counted.host) if device.type == "cuda" else None
@@ -192,7 +192,7 @@ def _run_variants(variants: dict, out: dict, w, device, repeats) -> None:
         try:
             out[name] = _variant(w, make(), device, repeats, before)
         except Exception as e:  # recorded: one variant's failure never loses another's
-            out[name] = _error(e)
+            out[name] = error_record(e)
     base = out.get("plain", {}).get("trajectory_s")
     for name, r in out.items():
         if base and isinstance(r, dict) and r.get("trajectory_s"):
@@ -236,7 +236,7 @@ class Check:
             try:
                 body(r)
             except Exception as e:
-                r.update(_error(e))
+                r.update(error_record(e))
             r["seconds"] = time.perf_counter() - t0
             self.results["sections"][key] = r
             firsts = [v["first_trajectory_s"] for v in r.values() if isinstance(v, dict) and "first_trajectory_s" in v]
@@ -284,12 +284,12 @@ class Check:
                     fn = make()
                     t0 = time.perf_counter()
                     got = w.run(fn)
-                    _sync(device)
+                    sync(device)
                     r[f"{slot}_first_trajectory_s"] = time.perf_counter() - t0  # its compile
                     r[key] = _relerr(got, ref)
                     state[slot] = fn
                 except Exception as e:
-                    r[key] = _error(e)
+                    r[key] = error_record(e)
             try:
                 every2 = bcc.Schedule.every(2, T, names)
                 fast = state.get("fast")
@@ -300,7 +300,7 @@ class Check:
                 r["bcc_every2_compiled_vs_eager_rewrite"] = _relerr(w.run(fast), w.run(eager2))
                 r["bcc_every2_vs_plain_eager"] = _relerr(w.run(fast), ref)
             except Exception as e:
-                r["bcc_every2_compiled_vs_eager_rewrite"] = _error(e)
+                r["bcc_every2_compiled_vs_eager_rewrite"] = error_record(e)
 
         self.section(f"{tag}:numerics", 2, numerics)
         if numerics_only or "names" not in state:
@@ -366,7 +366,7 @@ class Check:
             try:
                 self.workload(name, latent, dtype, numerics_only)
             except Exception as e:  # building the workload failed: record and go on
-                self.results["sections"][f"{_tag(name, dtype)}:build"] = _error(e)
+                self.results["sections"][f"{_tag(name, dtype)}:build"] = error_record(e)
                 self.write()
 
 

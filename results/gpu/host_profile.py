@@ -40,10 +40,10 @@ START = time.perf_counter()
 
 
 def _host_times(w, fn, device) -> tuple[list[float], list[float]]:
-    calls = gpu_check._Calls(fn, device)
-    gpu_check._sync(device)
+    calls = gpu_check.Calls(fn, device)
+    gpu_check.sync(device)
     w.run(calls)
-    gpu_check._sync(device)
+    gpu_check.sync(device)
     return calls.host, calls.gpu_ms()
 
 
@@ -53,7 +53,7 @@ def _profile(w, fn, device) -> str:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         w.run(fn)
-        gpu_check._sync(device)
+        gpu_check.sync(device)
     ev = prof.key_averages()
     launches = sum(e.count for e in ev if "LaunchKernel" in e.key or "cuLaunch" in e.key)
     kernels = sum(e.count for e in ev if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
@@ -112,11 +112,11 @@ def main() -> None:
             fn = make()
             t0 = time.perf_counter()
             w.run(fn)
-            gpu_check._sync(device)
+            gpu_check.sync(device)
             fns[tag] = fn
             results["variants"][tag] = {"compile_s": time.perf_counter() - t0}
         except Exception as e:  # one variant's failure loses no other's
-            results["variants"][tag] = gpu_check._error(e)
+            results["variants"][tag] = gpu_check.error_record(e)
         write()
         print(f"[{time.perf_counter() - START:6.1f}s] {tag}: {results['variants'][tag]}", flush=True)
     host = {t: [] for t in fns}
@@ -138,7 +138,7 @@ def main() -> None:
             (args.out / f"profile_{tag}.txt").write_text(text)
             r["launches"] = text.splitlines()[0]
         except Exception as e:
-            r["profile"] = gpu_check._error(e)
+            r["profile"] = gpu_check.error_record(e)
         write()
         print(f"[{time.perf_counter() - START:6.1f}s] {tag}: {r}", flush=True)
 

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 import bcc
+from bcc.tools.bench.quality import evaluation_noise
 from bcc.tools.digits import default_model_dir, load_digits, load_digits_model, make_scheduler, sample
 from bcc.tools.metrics import fd_digits, psnr
 
 
 def _generate(model, conditioner, sched, steps, labels, seed, chunk, denoiser):
-    g = torch.Generator().manual_seed(10_000 + seed)  # Table 1's noise for this seed
-    noise = torch.randn(len(labels), 1, 16, 16, generator=g)
+    noise = evaluation_noise(len(labels), seed)  # Table 1's noise for this seed
     outs = [sample(denoiser, conditioner, sched, labels[i:i + chunk], num_steps=steps, guidance_scale=3.0,
                    seed=seed, noise=noise[i:i + chunk]) for i in range(0, len(labels), chunk)]
     return torch.cat(outs)
