@@ -372,6 +372,16 @@ def test_calibrate_true_cfg_measures_each_stream_against_itself():
     assert float(per_stream[:, 1:].mean()) < float(single.l1_rel[1:].mean())
 
 
+def test_calibrate_img2img_covers_the_steps_it_ran():
+    pipe = P.sd_img2img(seed=0)
+    profile = bcc.calibrate(pipe, ["a red 3"], seeds=[0], num_inference_steps=STEPS, guidance_scale=5.0,
+                            progress=False, height=16, width=16, image=P.init_image(16), strength=0.6)
+    assert profile.num_steps == STEPS and profile.active_steps == (3, STEPS)  # DDIM at 0.6: steps 3, 4, 5
+    assert not profile.l1_rel[:4].any() and profile.l1_rel[4:].all()
+    schedule = bcc.Plan(profile, budget=0.9).schedule_for(STEPS)  # of 3 steps: the first computes everything
+    assert schedule.mask[:4].all() and not schedule.mask[4:].all() and schedule.compute_fraction() <= 0.9
+
+
 def _measured_by_hooks(pipe, attr, blocks, **kw):
     """Independent of calibrate: each block's residual (output - input) at every call of
     pipe.<attr>; with two calls a step for the whole generation (Wan guidance), call i of
