@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
@@ -33,8 +34,11 @@ def _same_tensor(node: fx.Node, src: fx.Node) -> bool:
     key = storage_key(v)
     if key is None or key != storage_key(s):
         return False
-    return (v.shape == s.shape and v.stride() == s.stride()
-            and v.storage_offset() == s.storage_offset() and v.dtype == s.dtype)
+    # Provably equal only: a size computed from tensor values (a token selection by a
+    # mask) has no value to compare, and asking would raise on it.
+    same = lambda a, b: len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))  # noqa: E731
+    return (v.dtype == s.dtype and same(v.shape, s.shape) and same(v.stride(), s.stride())
+            and statically_known_true(v.storage_offset() == s.storage_offset()))
 
 
 def reroute_pass_throughs(gm: fx.GraphModule) -> int:

@@ -8,6 +8,7 @@ rebuild the caller's structure around it.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +74,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     """
     kwargs = dict(kwargs or {})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _python_state_kept(model):
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as e:  # export raises many types; all mean "could not capture"
         raise _capture_error(model, e) from e
@@ -112,6 +113,67 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     gm.recompile()
     out_spec = unlifted._out_spec
     return Captured(gm, in_spec, out_spec, tuple(tensor_positions), signature_of(args, kwargs))
+
+
+class _python_state_kept:
+    """Puts back the model's Python state as it was before the trace.
+
+    Non-strict export runs the model's Python for real, on fake tensors: a lazily filled
+    cache (Z-Image's ``rope_embedder.freqs_cis``, a plain object's attribute set at its
+    first call) would keep fake tensors, which break every later capture and make the
+    user's own model compute wrong values, silently. So the attributes of every module,
+    of the plain objects they hold, and the containers among them (a module's parameter,
+    buffer and child dicts too) are put back: the same objects, the same contents.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.kept: list[tuple[Any, dict]] = []  # (object, its __dict__ as it was)
+        self.contents: list[tuple[Any, Any]] = []  # (container, a copy of its contents)
+
+    def __enter__(self) -> "_python_state_kept":
+        seen: set[int] = set()
+        for module in self.model.modules():
+            self._keep(module, seen)
+            for value in vars(module).values():
+                if _plain_object(value):
+                    self._keep(value, seen)
+        return self
+
+    def _keep(self, obj: Any, seen: set[int]) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        attrs = vars(obj)
+        self.kept.append((obj, dict(attrs)))
+        for value in attrs.values():
+            if type(value) in _CONTAINERS and id(value) not in seen:
+                seen.add(id(value))
+                self.contents.append((value, value.copy()))
+
+    def __exit__(self, *exc: Any) -> None:
+        for container, contents in self.contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(contents)
+            else:
+                container.update(contents)
+        for obj, attrs in self.kept:
+            now = vars(obj)
+            for key in [k for k in now if k not in attrs]:
+                del now[key]
+            now.update(attrs)
+
+
+# Containers whose contents are put back in place (their identity is what the model holds).
+_CONTAINERS = (list, dict, set, collections.OrderedDict)
+
+
+def _plain_object(value: Any) -> bool:
+    # An instance of a user class (a rotary-embedding helper, a processor): not a module,
+    # tensor, class, function or builtin value.
+    return (isinstance(getattr(value, "__dict__", None), dict) and not isinstance(value, (torch.nn.Module, torch.Tensor))
+            and not inspect.isclass(value) and not inspect.isroutine(value) and not inspect.ismodule(value))
 
 
 def _capture_error(model: torch.nn.Module, e: BaseException) -> BccError:

@@ -36,9 +36,9 @@ class Lowered:
 
 
 def compile_graph(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
-    """``gm`` compiled by ``config.backend`` (``"eager"``: ``gm`` itself)."""
+    """``gm`` compiled by ``config.backend`` (``"eager"``: ``gm`` itself, run without autograd)."""
     if config.backend == "eager":
-        return gm
+        return _without_autograd(gm)
     options = dict(config.inductor_options)
     if config.backend == "inductor":
         return torch.compile(gm, backend=_Inductor(options), fullgraph=True, dynamic=False)
@@ -50,6 +50,17 @@ def compile_graph(gm: fx.GraphModule, config: BccConfig) -> Callable[..., Any]:
     def fn(*args: Any) -> Any:
         with inductor_settings(options):
             return compiled(*args)
+    return fn
+
+
+def _without_autograd(gm: fx.GraphModule) -> Callable[..., Any]:
+    # An eager torch.cond that sees an operand needing a gradient (one computed from a
+    # parameter outside the blocks, like Z-Image's pad tokens) traces its branches with
+    # fake tensors, and the branches read the real weights: a raw torch AssertionError.
+    # The eager program never gave gradients for the weights inside its branches anyway.
+    def fn(*args: Any) -> Any:
+        with torch.no_grad():
+            return gm(*args)
     return fn
 
 
