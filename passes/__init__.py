@@ -19,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from bcc.analyze.blocks import ATTENTION, BlockSelector
-from bcc.errors import BccError, ErrorCode
+from bcc.errors import BccError, BccInternalError, ErrorCode
 from bcc.passes.annotate_blocks import AnnotateBlocksPass
 from bcc.passes.gate_blocks import CacheSlot, GateBlocksPass
 from bcc.passes.lift_weights import LiftWeightsPass
@@ -124,14 +124,14 @@ DEFAULT_PASSES: tuple[PassEntry, ...] = (
 
 
 def _run(passes: Sequence[PassBase], gm: fx.GraphModule) -> fx.GraphModule:
-    # PassManager wraps a pass's exception with the pass name; unwrap BccError so the
-    # caller sees the actionable message first, with the context chained. The one place
-    # bcc runs a PassManager.
+    # PassManager wraps a pass's exception with the pass name; unwrap bcc's own errors so
+    # the caller sees the actionable message (or the bug report) first, with the context
+    # chained. The one place bcc runs a PassManager.
     try:
         return PassManager(list(passes), steps=1)(gm).graph_module
     except Exception as e:
         cause = e.__cause__ or e.__context__
-        if isinstance(cause, BccError):
+        if isinstance(cause, (BccError, BccInternalError)):
             raise cause from e
         raise
 

@@ -26,7 +26,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from bcc.analyze.blocks import in_module
 from bcc.analyze.regions import split_region
 from bcc.analyze.residual import decide_residuals, fx_dataflow
-from bcc.errors import BccInternalError
+from bcc.errors import BccError, BccInternalError, ErrorCode
 from bcc.analyze.slots import CacheSlot, batch_broadcast_shape
 
 from bcc.passes.annotate_blocks import BLOCKS, META
@@ -75,6 +75,15 @@ def _slots(name: str, node: fx.Node, sub: fx.GraphModule, mode: str, weights: se
     slots = []
     for d, out in zip(decide_residuals(fx_dataflow(sub, constants), block=name, mode=mode), outs):
         v = _val(out)
+        symbolic = isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) or (
+            isinstance(v, torch.Tensor) and not all(isinstance(x, int) for x in v.shape))
+        if symbolic:
+            raise BccError(
+                ErrorCode.STATIC_SHAPE,
+                f"block {name!r} hands the code after it a size computed from tensor values (output "
+                f"{d.output}: {out.format_node()[:160]}); bcc caches block outputs in buffers of one static "
+                "shape per input signature. Make the token count static (pad the tokens instead of selecting "
+                "them by a mask before the blocks).")
         if not isinstance(v, torch.Tensor):
             raise BccInternalError(f"block {name!r} output {d.output} has no tensor metadata: {out.format_node()}")
         slots.append(CacheSlot(name, d.output, d.base, tuple(int(x) for x in v.shape), v.dtype, v.device, d.stream))

@@ -148,7 +148,7 @@ def test_default_blocks_read_the_latent_and_skip_conditioning_modules():
     call = ((torch.randn(2, 5, 8), torch.randn(2, 3, 8)), {})
     assert bcc.find_blocks(model, call) == ["block"]
     assert bcc.find_blocks(model, call, blocks=["pool", "block"]) == ["pool", "block"]  # asked for: allowed
-    assert capture(model, *call).gm.meta[LATENT] == "hidden_states"
+    assert capture(model, *call).gm.meta[LATENT] == ("hidden_states",)
 
 
 def test_default_blocks_find_the_latent_when_it_is_passed_by_keyword():

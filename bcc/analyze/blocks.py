@@ -114,7 +114,11 @@ def module_calls(gm: fx.GraphModule) -> dict[str, _ModuleCall]:
         is_spatial_conv = False
         if op in _CONV_OPS and len(node.args) > 1:
             weight = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
-            is_spatial_conv = weight is not None and any(int(k) > 1 for k in weight.shape[2:])
+            # A depthwise kernel (one input channel per output: Sana's Mix-FFN) mixes
+            # neighbouring tokens inside a transformer block's feed-forward; a ResNet's
+            # dense 3x3 kernels are what keeps a UNet level from being one block.
+            is_spatial_conv = (weight is not None and any(int(k) > 1 for k in weight.shape[2:])
+                               and int(weight.shape[1]) > 1)
         for key, path, cls in _stack(node):
             call = calls.get(path)
             if call is None:
@@ -129,12 +133,12 @@ def module_calls(gm: fx.GraphModule) -> dict[str, _ModuleCall]:
 
 def _latent_dependent(gm: fx.GraphModule) -> set[fx.Node] | None:
     """Nodes computed from the latent input (capture names it in ``gm.meta``), or None if unknown."""
-    name = gm.meta.get(LATENT)
-    start = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name), None)
-    if start is None:
+    names = set(gm.meta.get(LATENT) or ())
+    starts = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in names]
+    if not starts:
         return None
     seen: set[fx.Node] = set()
-    todo = [start]
+    todo = starts
     while todo:
         node = todo.pop()
         if node not in seen:
@@ -148,7 +152,7 @@ def _matcher(selector: BlockSelector, calls: dict[str, _ModuleCall]) -> Callable
         return selector
     if selector == ATTENTION:
         # The paper caches the spatial transformers: modules that mix tokens by
-        # attention and hold no spatial convolution (a ResNet's 3x3 convs). The
+        # attention and hold no dense spatial convolution (a ResNet's 3x3 convs). The
         # outermost such module is the block: Transformer2DModel in a UNet, the
         # per-layer transformer block in a DiT. It must read the latent: conditioning
         # modules that attend (a caption pooler, a prompt's token refiner) see only

@@ -24,8 +24,9 @@ from bcc.errors import BccError, BccInternalError, ErrorCode
 
 __all__ = ["Captured", "LATENT", "capture", "flatten_call"]
 
-#: ``gm.meta`` key: the name of the placeholder of the denoiser's latent input (its first
-#: parameter: ``sample`` / ``hidden_states`` in every diffusers denoiser), or absent.
+#: ``gm.meta`` key: the names of the placeholders of the denoiser's latent input (its first
+#: parameter: ``sample`` / ``hidden_states`` in every diffusers denoiser; Z-Image passes a
+#: list of latents, one per sample), or absent.
 LATENT = "bcc_latent_input"
 
 
@@ -103,11 +104,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     out_node = graph.output_node()
     outs = out_node.args[0]
     out_node.args = (tuple(outs) if isinstance(outs, (list, tuple)) else (outs,),)
-    latent = _latent_leaf(model, args, kwargs, leaves)
-    latent_name = placeholders[latent].name if latent is not None else None
+    latent = [placeholders[k].name for k in _latent_leaves(model, args, kwargs, leaves)]
     gm = fx.GraphModule(unlifted, graph, class_name=f"Captured{type(model).__name__}")
-    if latent_name is not None and any(n.name == latent_name for n in gm.graph.nodes if n.op == "placeholder"):
-        gm.meta[LATENT] = latent_name
+    kept = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    if latent and all(name in kept for name in latent):
+        gm.meta[LATENT] = tuple(latent)
     gm.graph.eliminate_dead_code()
     normalize(gm)
     gm.recompile()
@@ -199,8 +200,9 @@ def _capture_error(model: torch.nn.Module, e: BaseException) -> BccError:
     )
 
 
-def _latent_leaf(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list) -> int | None:
-    """Index among ``leaves`` of the forward's first parameter, when it is a tensor.
+def _latent_leaves(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list) -> list[int]:
+    """Indices among ``leaves`` of the forward's first parameter: one tensor, or a list or
+    tuple of tensors (one latent per sample); empty when it is neither.
 
     Dynamo's graphs (the backend path) take lifted parameters first, named ``L_self_...``;
     those are skipped.
@@ -209,12 +211,14 @@ def _latent_leaf(model: torch.nn.Module, args: tuple, kwargs: dict, leaves: list
         sig = inspect.signature(model.forward)
         params, bound = list(sig.parameters.values()), sig.bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
-        return None
+        return []
     for p in params:
         if p.name.lower().startswith("l_self_") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         value = bound.get(p.name)
-        if not isinstance(value, torch.Tensor):
-            return None
-        return next((k for k, leaf in enumerate(leaves) if leaf is value), None)
-    return None
+        parts = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not parts or not all(isinstance(v, torch.Tensor) for v in parts):
+            return []
+        found = [next((k for k, leaf in enumerate(leaves) if leaf is v), None) for v in parts]
+        return [] if None in found else found
+    return []

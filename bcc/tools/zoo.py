@@ -192,6 +192,30 @@ def _lumina2(latent: int):
     return model, {"encoder_hidden_states": (5, 16)}
 
 
+def _sana(latent: int):
+    from diffusers import SanaTransformer2DModel
+
+    # Linear self-attention and a depthwise 3x3 conv in the feed-forward (Mix-FFN).
+    model = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        mlp_ratio=2.5, sample_size=latent, patch_size=1,
+    )
+    return model, {"encoder_hidden_states": (5, 32)}
+
+
+def _z_image(latent: int):
+    from diffusers import ZImageTransformer2DModel
+
+    # The latent is a list of per-sample [C, F, H, W] tensors; a refiner on each stream
+    # before the main layers (the caption's reads no latent: not a block).
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32],
+    )
+    return model, {"cap_feats": (5, 32)}
+
+
 MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "unet-tiny": _unet_tiny,
     "sd15": _sd15,
@@ -215,10 +239,12 @@ MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "hidream": _hidream,
     "hidream-moe": lambda latent: _hidream(latent, experts=2),
     "lumina2": _lumina2,
+    "sana": _sana,
+    "z-image": _z_image,
 }
 
 #: Latent frames of the video models (their latent is ``[B, C, F, H, W]``; SVD's ``[B, F, C, H, W]``).
-FRAMES = {"wan": 2, "hunyuan-video": 2, "svd": 2, "mochi": 2, "wan-bench": 5, "hunyuan-video-bench": 5}
+FRAMES = {"wan": 2, "hunyuan-video": 2, "svd": 2, "mochi": 2, "wan-bench": 5, "hunyuan-video-bench": 5, "z-image": 1}
 
 
 def _read_only(value: Any) -> Any:
@@ -402,6 +428,14 @@ def _call_inputs(name: str, x: torch.Tensor, t: torch.Tensor, kwargs: dict, late
     if name in ("hidream", "hidream-moe"):
         kwargs.update(timesteps=t.expand(batch))
         return (x,), kwargs
+    if name == "sana":
+        texts = kwargs["encoder_hidden_states"].shape[1]
+        kwargs.update(timestep=t.float().expand(batch), encoder_attention_mask=torch.ones(batch, texts))
+        return (x,), kwargs
+    if name == "z-image":
+        # Per-sample lists; the timestep runs from 0 (noise) to 1, as the pipeline passes it.
+        caps = list(kwargs.pop("cap_feats").unbind(0))
+        return (list(x.unbind(0)), (1000 - t.float().expand(batch)) / 1000, caps), kwargs
     if name == "lumina2":
         texts = kwargs["encoder_hidden_states"].shape[1]
         kwargs.update(encoder_attention_mask=torch.ones(batch, texts, dtype=torch.bool))
