@@ -80,10 +80,10 @@ def _slots(name: str, node: fx.Node, sub: fx.GraphModule, mode: str, weights: se
         if symbolic:
             raise BccError(
                 ErrorCode.STATIC_SHAPE,
-                f"block {name!r} hands the code after it a size computed from tensor values (output "
-                f"{d.output}: {out.format_node()[:160]}); bcc caches block outputs in buffers of one static "
+                f"block {name!r} hands the code after it a value whose size is computed from tensor values "
+                f"(output {d.output}: {out.format_node()[:160]}); bcc caches block outputs in buffers of one static "
                 "shape per input signature. Make the token count static (pad the tokens instead of selecting "
-                "them by a mask before the blocks).")
+                "them by a mask).")
         if not isinstance(v, torch.Tensor):
             raise BccInternalError(f"block {name!r} output {d.output} has no tensor metadata: {out.format_node()}")
         slots.append(CacheSlot(name, d.output, d.base, tuple(int(x) for x in v.shape), v.dtype, v.device, d.stream))

@@ -183,3 +183,27 @@ def test_schedule_planned_for_another_model():
     assert "bcc.calibrate" in str(e.value)
     mine = bcc.ChangeProfile(profile.l1_rel, ["b0", "b1"], fingerprint=model_fingerprint(Toy()))
     bcc.compile(Toy(), Schedule.from_change(mine, 0.5), backend="eager")(torch.ones(2), torch.tensor(1.0))
+
+
+def test_a_block_output_sized_by_tensor_values_is_bcc703():
+    # HunyuanVideo 1.5 selects text tokens by mask: sizes the static caches cannot hold.
+    class Select(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x, mask):
+            return (x + self.attn(x, x, x)[0])[:, mask]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = Select(), torch.nn.Linear(4, 4)
+
+        def forward(self, x, mask):
+            return self.head(self.block(x, mask))
+
+    fast = bcc.compile(Net().eval(), bcc.Schedule.every(2, 3, ["block"]), backend="eager")
+    with pytest.raises(BccError) as e, torch.no_grad():
+        fast(torch.randn(1, 5, 4), torch.tensor([True, True, False, True, True]))
+    assert e.value.code is ErrorCode.STATIC_SHAPE and "'block'" in str(e.value) and "pad the tokens" in str(e.value)
