@@ -207,3 +207,20 @@ def test_a_block_output_sized_by_tensor_values_is_bcc703():
     with pytest.raises(BccError) as e, torch.no_grad():
         fast(torch.randn(1, 5, 4), torch.tensor([True, True, False, True, True]))
     assert e.value.code is ErrorCode.STATIC_SHAPE and "'block'" in str(e.value) and "pad the tokens" in str(e.value)
+
+
+def test_value_dependent_code_around_the_blocks_is_said_to_be_there():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if torch.all(x == 0):  # HunyuanVideo 1.5's `is_t2v`, in the model's own forward
+                x = x + 1
+            return self.block(x)
+
+    with pytest.raises(BccError) as e:
+        bcc.find_blocks(Net(), ((torch.ones(2, 4),), {}))
+    assert e.value.code is ErrorCode.CAPTURE_FAILED and "outside its blocks" in str(e.value)
+    assert "torch.all(x == 0)" in str(e.value) and "select blocks inside it" not in str(e.value)

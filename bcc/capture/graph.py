@@ -182,6 +182,8 @@ def _capture_error(model: torch.nn.Module, e: BaseException) -> BccError:
     site = capture_site(model, e)
     at = f" in {site.describe()}" if site is not None else ""
     if is_value_dependent(e):
+        # In the model's own forward the code runs around every block: no choice of blocks avoids it.
+        around = site is not None and site.module == "<root>"
         return BccError(
             ErrorCode.CAPTURE_FAILED,
             f"torch.export could not capture {type(model).__name__}: its forward depends on tensor "
@@ -189,7 +191,8 @@ def _capture_error(model: torch.nn.Module, e: BaseException) -> BccError:
             "shape, and no capture torch has (torch.export strict or not, Dynamo with "
             "fullgraph=True) traces shapes or control flow decided by tensor values. Make that "
             "code shape-static (e.g. a dense form of a routing, or lengths fixed by the input "
-            "shapes), or select blocks inside it and cache those.",
+            "shapes)" + (": it is in the model's own forward, outside its blocks, so choosing other blocks "
+                         "does not avoid it." if around else ", or select blocks inside it and cache those."),
         )
     return BccError(
         ErrorCode.CAPTURE_FAILED,
