@@ -54,8 +54,9 @@ class _Plan:
     tables: list[fx.Node]
 
     @property
-    def bases(self) -> list[int | None]:
-        return [s.base for s in self.slots]
+    def paths(self) -> list[tuple[int, ...] | None]:
+        """Per slot, the block inputs on its identity path (base first), or None: cached whole."""
+        return [None if s.base is None else (s.base, *s.also) for s in self.slots]
 
 
 def _slots(name: str, node: fx.Node, sub: fx.GraphModule, mode: str, weights: set[fx.Node]) -> list[CacheSlot]:
@@ -86,7 +87,8 @@ def _slots(name: str, node: fx.Node, sub: fx.GraphModule, mode: str, weights: se
                 "them by a mask).")
         if not isinstance(v, torch.Tensor):
             raise BccInternalError(f"block {name!r} output {d.output} has no tensor metadata: {out.format_node()}")
-        slots.append(CacheSlot(name, d.output, d.base, tuple(int(x) for x in v.shape), v.dtype, v.device, d.stream))
+        slots.append(CacheSlot(name, d.output, d.base, tuple(int(x) for x in v.shape), v.dtype, v.device, d.stream,
+                               d.also))
     return slots
 
 
@@ -125,7 +127,7 @@ def _adjust(g: fx.Graph, cache: fx.Node, row: fx.Node, val: torch.Tensor) -> fx.
     return g.call_function(aten.add.Tensor, (scaled, beta))
 
 
-def _held_in_branch(base: int | None) -> bool:
+def _held_in_branch(path: tuple[int, ...] | None) -> bool:
     """Whether a slot's new cache is a branch output; a cache held whole is made in the main graph.
 
     A branch that returned its output and a copy of it as the cache could return one buffer
@@ -137,43 +139,51 @@ def _held_in_branch(base: int | None) -> bool:
     caller receives that tensor too), or, with scale-shift (where a reused output is the
     corrected cache, not the cache), ``where(bit, output, old cache)``.
     """
-    return base is not None
+    return path is not None
 
 
-def _branch(sub: fx.GraphModule, n_in: int, bases: list[int | None], recompute: bool,
+def _branch(sub: fx.GraphModule, n_in: int, paths: list[tuple[int, ...] | None], recompute: bool,
             scale_shift: bool = False) -> fx.GraphModule:
     g = fx.Graph()
     sub_outs = list(sub.graph.output_node().args[0])
-    caches = [g.placeholder(f"cache_{j}") for j in range(len(bases))]
-    rows = [g.placeholder(f"ss_{j}") for j in range(len(bases))] if scale_shift else []
+    caches = [g.placeholder(f"cache_{j}") for j in range(len(paths))]
+    rows = [g.placeholder(f"ss_{j}") for j in range(len(paths))] if scale_shift else []
     xs = [g.placeholder(f"x_{k}") for k in range(n_in)]
+
+    def identity(path: tuple[int, ...]) -> fx.Node:  # the base plus the other inputs on the path
+        node = xs[path[0]]
+        for k in path[1:]:
+            node = g.call_function(aten.add.Tensor, (node, xs[k]))
+        return node
+
     outs: list[fx.Node] = []
     new: list[fx.Node] = []
     if recompute:
         res = g.call_module("block", tuple(xs))
         inputs = [_val(n) for n in sub.graph.nodes if n.op == "placeholder"]
-        for j, base in enumerate(bases):
+        for j, path in enumerate(paths):
             got = g.call_function(operator.getitem, (res, j))
             # A block may return (a view of) one of its inputs; contiguous() of that is the
             # operand itself, which a branch may not return.
             out = (g.call_function(aten.clone.default, (got,), {"memory_format": torch.contiguous_format})
                    if _aliases(_val(sub_outs[j]), inputs) else _contiguous(g, got, like=sub_outs[j]))
             outs.append(out)
-            if _held_in_branch(base):
-                new.append(g.call_function(aten.sub.Tensor, (out, xs[base])))
+            if _held_in_branch(path):
+                new.append(g.call_function(aten.sub.Tensor, (out, identity(path))))
     else:
-        for j, base in enumerate(bases):
+        for j, path in enumerate(paths):
             # Both branches must agree on strides, and an input (the residual base) may be
             # a transposed view, so every output is made contiguous; caches always are.
             # A branch may not return one of its operands (inductor: "cond_false might be
             # aliasing the input"), hence the clone of the untouched cache.
             reused = _adjust(g, caches[j], rows[j], _val(sub_outs[j])) if scale_shift else caches[j]
-            if base is not None:
-                outs.append(_contiguous(g, g.call_function(aten.add.Tensor, (xs[base], reused)), like=sub_outs[j]))
+            if path is not None:
+                outs.append(_contiguous(g, g.call_function(aten.add.Tensor, (identity(path), reused)),
+                                        like=sub_outs[j]))
             else:
                 outs.append(_contiguous(g, reused, like=sub_outs[j]) if scale_shift
                             else g.call_function(aten.clone.default, (reused,)))
-            if _held_in_branch(base):
+            if _held_in_branch(path):
                 new.append(g.call_function(aten.clone.default, (caches[j],)))
     g.output(tuple(outs + new))
     root = _Holder(sub) if recompute else torch.nn.Module()
@@ -257,8 +267,8 @@ class GateBlocksPass(PassBase):
         for i, plan in enumerate(plans):
             node = plan.node
             n_in = len(node.args)
-            true_gm = _branch(plan.sub, n_in, plan.bases, recompute=True, scale_shift=self.scale_shift)
-            false_gm = _branch(plan.sub, n_in, plan.bases, recompute=False, scale_shift=self.scale_shift)
+            true_gm = _branch(plan.sub, n_in, plan.paths, recompute=True, scale_shift=self.scale_shift)
+            false_gm = _branch(plan.sub, n_in, plan.paths, recompute=False, scale_shift=self.scale_shift)
             true_name, false_name = f"bcc_recompute_{i}", f"bcc_reuse_{i}"
             gm.add_submodule(true_name, true_gm)
             gm.add_submodule(false_name, false_gm)
@@ -278,7 +288,7 @@ class GateBlocksPass(PassBase):
                     (pred, t_attr, f_attr, tuple(plan.caches) + ss_rows + operands),
                 )
                 n_out = len(plan.slots)
-                held = [_held_in_branch(b) for b in plan.bases]
+                held = [_held_in_branch(p) for p in plan.paths]
                 getters = [graph.call_function(operator.getitem, (cond, j)) for j in range(n_out + sum(held))]
             cond.meta[META] = node.meta[META]
             for user in list(node.users):

@@ -340,11 +340,15 @@ def every(n: int, num_blocks: int) -> Callable[[int, int], list[bool]]:
 
 def stream_inputs(forward, args, kwargs) -> list[torch.Tensor]:
     """A block call's stream inputs: `hidden_states` (else its first positional tensor), then
-    `encoder_hidden_states` when passed."""
+    `encoder_hidden_states` when passed. A Cosmos block adds `extra_pos_emb` to its hidden
+    states before anything else: the stream is their sum."""
     bound = inspect.signature(forward).bind(*args, **kwargs).arguments
     x = bound.get("hidden_states")
     if not isinstance(x, torch.Tensor):
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    pos = bound.get("extra_pos_emb")
+    if isinstance(x, torch.Tensor) and isinstance(pos, torch.Tensor) and pos.shape == x.shape:
+        x = x + pos
     streams = [x] if isinstance(x, torch.Tensor) else []
     ctx = bound.get("encoder_hidden_states")
     if isinstance(ctx, torch.Tensor):

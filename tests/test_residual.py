@@ -130,7 +130,8 @@ GOLDEN = [
     ("cat_chunk_swapped", _flux_like(lambda h: tuple(reversed(h.chunk(2, dim=1)))), 2, [1, 0], False),
     ("cat_narrow", _flux_like(lambda h: h.narrow(1, 4, 4)), 2, [1], False),
     ("cat_straddle", _flux_like(lambda h: h[:, 2:6]), 2, [None], True),
-    ("two_streams", lambda a, b: a + b, 2, [None], True),
+    ("two_streams", lambda a, b: a + b, 2, [0], False),  # the identity path is a + b: residual 0
+    ("shared_skip", lambda a, b: a + b + torch.tanh(a + b), 2, [0], False),  # Cosmos: x + e + f(x + e)
 ]
 
 
@@ -152,23 +153,27 @@ def test_golden_decisions_agree_in_the_graph_and_in_eager(name, fn, n_in, bases,
     streams = lambda ss: sorted(-1 if s.stream is None else s.stream for s in ss)  # noqa: E731
     assert streams(model.bcc_slots()) == streams(slots)
     assert [s.base is None for s in model.bcc_slots()].count(True) == bases.count(None)
+    assert sorted(len(s.also) for s in model.bcc_slots()) == sorted(len(s.also) for s in slots)
 
 
 def test_the_rule_reads_a_recorded_call_once_per_block_and_signature():
-    block = Fn(lambda a, b: a + b)
+    straddle = Fn(_flux_like(lambda h: h[:, 2:6]))  # unclear: each decision warns once
     br = BlockResiduals()
     x = torch.randn(SHAPE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            br.call("blk", block, (x, x + 1), {})
-        br.call("blk", block, (x[:1], x[:1]), {})  # another signature: decided again
-        _, slots, _ = br.call("blk", block, (x, x), {})  # one tensor twice: one stream, x + x = 2x
+            br.call("blk", straddle, (x, x + 1), {})
+        br.call("blk", straddle, (x[:1], x[:1] + 1), {})  # another signature: decided again
     assert sum(issubclass(w.category, BccWarning) for w in caught) == 2
-    assert slots[0].base is None
-    out, flow = record_call(block, (x, x + 1), {})
+    out, flow = record_call(straddle, (x, x + 1), {})
     assert [r.unclear for r in decide_residuals(flow, warn=False)] == [True]
     assert [r.reason for r in decide_residuals(flow, mode="output")] == ["output mode"]
+    block = Fn(lambda a, b: a + b)
+    _, slots, _ = BlockResiduals().call("blk", block, (x, x + 1), {})
+    assert (slots[0].base, slots[0].also) == (0, (1,))  # two streams: the identity path is their sum
+    _, slots, _ = BlockResiduals().call("blk", block, (x, x), {})  # one tensor twice: x + x = 2x
+    assert slots[0].base is None
 
 
 # -- end to end: the crafted block and Flux with as many text as image tokens ---------------------
@@ -215,6 +220,34 @@ def _check_against_reference(model, schedule, calls, bases, reused_tol=None):
 def test_crafted_block_caches_the_residual_of_its_identity_stream():
     schedule = Schedule(_random_mask(0, 6, 1), ["blk"])
     _check_against_reference(Crafted(), schedule, _crafted_calls(6), {"blk": lambda args, kwargs: [args[1]]})
+
+
+class SharedSkip(nn.Module):
+    """Cosmos's block: a position embedding joins the hidden states on the identity path."""
+
+    def forward(self, x, e):
+        h = x + e
+        return h + 0.5 * torch.tanh(h)
+
+
+class WithSharedSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = SharedSkip()
+
+    def forward(self, x, e, t):
+        return self.blk(x, e) * t + x
+
+
+def test_a_block_with_two_inputs_on_its_identity_path_caches_the_residual_of_their_sum():
+    schedule = Schedule(_random_mask(2, 6, 1), ["blk"])
+    g = torch.Generator().manual_seed(5)
+    calls = [((torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g), torch.tensor(1.0 + s)), {})
+             for s in range(6)]  # the embedding changes too: only their sum makes reuse track it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BccWarning)  # no longer "cannot tell"
+        _check_against_reference(WithSharedSkip(), schedule, calls,
+                                 {"blk": lambda args, kwargs: [args[0] + args[1]]})
 
 
 def _flux_with_equal_token_counts(latent=8):

@@ -34,6 +34,8 @@ EXPECTED = {
     # and its noise refiner (image tokens) is a block, its caption refiner (text only) not.
     "sana": [("SanaTransformerBlock", 2)],
     "z-image": [("ZImageTransformerBlock", 3)],
+    # Cosmos: hidden states and a position embedding both on each block's identity path.
+    "cosmos": [("CosmosTransformerBlock", 2)],
 }
 ALSO_NAMED = {"z-image": ["noise_refiner.0", "layers.0", "layers.1"]}
 

@@ -30,7 +30,7 @@ class CacheEntry:
         spec: the pytree spec of the block's output.
         consts: the output's non-tensor leaves (``None`` at tensor positions).
         slots: a :class:`CacheSlot` per output leaf (``None`` for non-tensors).
-        values: per leaf, the cached tensor: ``out - inputs[slot.base]`` or the output.
+        values: per leaf, the cached tensor: ``out - slot.identity(inputs)`` or the output.
     """
 
     spec: pytree.TreeSpec
@@ -48,7 +48,7 @@ class CacheEntry:
                 continue
             value = adjust(slot, cached) if adjust is not None else cached
             if slot.base is not None:
-                leaves[j] = inputs[slot.base] + value
+                leaves[j] = slot.identity(inputs) + value
             else:
                 # The cache is reused at later steps too: never hand it out itself.
                 leaves[j] = value if adjust is not None else value.clone()
@@ -75,7 +75,7 @@ def cache_entry(out: Any, inputs: list[torch.Tensor], slots: Sequence[CacheSlot 
         if not isinstance(v, torch.Tensor) or slot is None:
             values.append(None)
             continue
-        c = v - inputs[slot.base] if slot.base is not None else v.clone()
+        c = v - slot.identity(inputs) if slot.base is not None else v.clone()
         values.append(c.detach() if detach else c)
     consts = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     return CacheEntry(spec, consts, tuple(slots), values)

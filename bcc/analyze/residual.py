@@ -18,11 +18,14 @@ path, multiplying their coefficients:
 - a ``slice``/``narrow``/``split`` piece of a ``cat`` that selects exactly one operand's
   range (Flux single blocks concatenate text and image, process them, split them).
 
-An output's base is the one input with the output's shape and dtype that is reached
-with total coefficient exactly 1 (so ``2 * x`` and ``x + x`` have no identity path,
-and neither does ``f(x) - x``). None: the output is cached whole. Two, or such an input
-reached only in part (a slice that is not one ``cat`` operand): the rule cannot tell,
-and the output is cached whole with a :class:`~bcc.errors.BccWarning`.
+An output's base is the input with the output's shape and dtype that is reached with
+total coefficient exactly 1 (so ``2 * x`` and ``x + x`` have no identity path, and
+neither does ``f(x) - x``). None: the output is cached whole. Several such inputs
+(Cosmos adds a position embedding to the hidden states: ``x + e + f(x + e)``): the identity
+path is their sum, the base the one the block uses first and the others ``also`` added,
+so the cache is ``out - (x + e)``. Such an input reached only in part (a slice that is not
+one ``cat`` operand): the rule cannot tell, and the output is cached whole with a
+:class:`~bcc.errors.BccWarning`.
 
 The rule reads a :class:`Dataflow`; :func:`fx_dataflow` builds one from an outlined
 block subgraph (what :class:`~bcc.passes.GateBlocksPass` sees),
@@ -109,6 +112,7 @@ class Residual:
         output: the output's index in :attr:`Dataflow.outputs`.
         base: index into :attr:`Dataflow.inputs` of the input it is a residual of, or
             ``None``: cache it whole.
+        also: more inputs on the identity path, added to the base (indices, by first use).
         stream: the base's rank in the order the block first uses its inputs (the same
             number in the graph and in an eager call); ``None`` without a base.
         reason: why, in words.
@@ -120,6 +124,7 @@ class Residual:
     stream: int | None
     reason: str
     unclear: bool = False
+    also: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,8 +404,9 @@ def decide_residuals(flow: Dataflow, *, block: str = "block", mode: str = "resid
             reason = f"input(s) {partly} reach it only in part (a slice that is not one operand of a cat)"
             decisions.append(Residual(j, None, None, reason, True))
         elif len(full) > 1:
-            decisions.append(Residual(j, None, None, f"inputs {sorted(full)} all reach it along an identity path",
-                                      True))
+            first, *also = sorted(full, key=ranks.__getitem__)
+            decisions.append(Residual(j, first, ranks[first], f"identity path of inputs {sorted(full)}",
+                                      also=tuple(also)))
         elif full:
             decisions.append(Residual(j, full[0], ranks[full[0]], "identity path"))
         else:

@@ -92,6 +92,8 @@ class CacheSlot:
         stream: the base input's rank in the order the block first uses its inputs:
             the same number in the graph and in an eager call, so it names the residual
             stream (Flux: 0 text, 1 image in a single block) where ``base`` cannot.
+        also: more block inputs on the identity path (indices as ``base``'s), added to it:
+            the cache is ``out - (inputs[base] + inputs[also...])`` (Cosmos's ``x + e``).
 
     Example:
         >>> s = CacheSlot("blk", 0, None, (2, 8, 4, 4), torch.float32, torch.device("cpu"))
@@ -106,6 +108,22 @@ class CacheSlot:
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
     stream: int | None = None
+    also: tuple[int, ...] = ()
+
+    def identity(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """What the block's identity path carries, from its ``inputs``: ``inputs[base]``
+        plus the ``also`` inputs; None for a tensor cached whole.
+
+        Example:
+            >>> CacheSlot("blk", 0, 1, (2,), also=(0,)).identity([torch.ones(2), torch.full((2,), 2.0)]).tolist()
+            [3.0, 3.0]
+        """
+        if self.base is None:
+            return None
+        out = inputs[self.base]
+        for k in self.also:
+            out = out + inputs[k]
+        return out
 
     @property
     def rank(self) -> int:
@@ -138,7 +156,7 @@ class CacheSlot:
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "output": self.output, "base": self.base, "shape": list(self.shape),
-                "dtype": str(self.dtype).removeprefix("torch."), "stream": self.stream}
+                "dtype": str(self.dtype).removeprefix("torch."), "stream": self.stream, "also": list(self.also)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CacheSlot":
@@ -147,7 +165,8 @@ class CacheSlot:
         if "channels" in d:
             return cls._from_v1(d)
         return cls(d["block"], int(d["output"]), d.get("base"), tuple(int(x) for x in d["shape"]),
-                   getattr(torch, d.get("dtype", "float32")), torch.device("cpu"), d.get("stream"))
+                   getattr(torch, d.get("dtype", "float32")), torch.device("cpu"), d.get("stream"),
+                   tuple(int(k) for k in d.get("also") or ()))
 
     @classmethod
     def _from_v1(cls, d: dict[str, Any]) -> "CacheSlot":

@@ -69,7 +69,7 @@ class ExportMeta:
         schedule: ``Schedule.to_dict()`` of the export-time schedule, columns in
             graph order (the baked one, or the initial one of a schedule input).
         schedule_input: the schedule is the program's first input (swappable).
-        slots: ``{"block", "output", "base", "shape", "dtype", "device"}`` per cache
+        slots: ``{"block", "output", "base", "also", "shape", "dtype", "device"}`` per cache
             tensor (``device`` since format 3).
         state_inputs: names of the program's inputs before the model's tensors.
         num_outputs: the model's output leaves (the caches follow them).
@@ -203,8 +203,9 @@ def export(
         out_spec = None
     meta = ExportMeta(
         block_names=names, schedule=ordered.to_dict(), schedule_input=schedule_input,
-        slots=tuple({"block": s.block, "output": s.output, "base": s.base, "shape": list(s.shape),
-                     "dtype": str(s.dtype).removeprefix("torch."), "device": str(s.device)} for s in slots),
+        slots=tuple({"block": s.block, "output": s.output, "base": s.base, "also": list(s.also),
+                     "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."), "device": str(s.device)}
+                    for s in slots),
         state_inputs=tuple(state if schedule_input else state[1:]),
         num_outputs=len(gm.graph.output_node().args[0]) - len(slots),
         signature=captured.signature, out_spec=out_spec, mode=mode,

@@ -98,7 +98,7 @@ class _Recorder:
         def wrapped(*args, **kwargs):
             out, slots, inputs = self.residuals.call(name, forward, args, kwargs)
             current = [
-                (v - inputs[s.base] if s.base is not None else v).detach().float()
+                (v - s.identity(inputs) if s.base is not None else v).detach().float()
                 for v, s in zip(pytree.tree_leaves(out), slots) if s is not None
             ]
             prev = self.prev.get(name)

@@ -216,6 +216,19 @@ def _z_image(latent: int):
     return model, {"cap_feats": (5, 32)}
 
 
+def _cosmos(latent: int):
+    from diffusers import CosmosTransformer3DModel
+
+    # Each block adds a learned position embedding to its hidden states first: two inputs on
+    # its identity path. concat_padding_mask=False: the padding-mask path needs torchvision.
+    model = CosmosTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+        text_embed_dim=16, adaln_lora_dim=8, max_size=(8, 2 * latent, 2 * latent), patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable",
+    )
+    return model, {"encoder_hidden_states": (5, 16)}
+
+
 MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "unet-tiny": _unet_tiny,
     "sd15": _sd15,
@@ -241,10 +254,12 @@ MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "lumina2": _lumina2,
     "sana": _sana,
     "z-image": _z_image,
+    "cosmos": _cosmos,
 }
 
 #: Latent frames of the video models (their latent is ``[B, C, F, H, W]``; SVD's ``[B, F, C, H, W]``).
-FRAMES = {"wan": 2, "hunyuan-video": 2, "svd": 2, "mochi": 2, "wan-bench": 5, "hunyuan-video-bench": 5, "z-image": 1}
+FRAMES = {"wan": 2, "hunyuan-video": 2, "svd": 2, "mochi": 2, "wan-bench": 5, "hunyuan-video-bench": 5, "z-image": 1,
+          "cosmos": 2}
 
 
 def _read_only(value: Any) -> Any:
@@ -427,6 +442,9 @@ def _call_inputs(name: str, x: torch.Tensor, t: torch.Tensor, kwargs: dict, late
         return (x,), kwargs
     if name in ("hidream", "hidream-moe"):
         kwargs.update(timesteps=t.expand(batch))
+        return (x,), kwargs
+    if name == "cosmos":
+        kwargs.update(timestep=t.float().expand(batch) / 1000, fps=30)
         return (x,), kwargs
     if name == "sana":
         texts = kwargs["encoder_hidden_states"].shape[1]
