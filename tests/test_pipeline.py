@@ -72,3 +72,107 @@ def test_calibrate_schedule_compile_on_the_pipeline():
     want = _reference_images(pipe, schedule)
     pipe.unet = bcc.compile(pipe.unet, schedule, backend="eager")
     np.testing.assert_allclose(_generate(pipe), want, rtol=0, atol=0)
+
+
+# -- a pipeline that deep-copies its scheduler (LTX-2's audio latents, SkyReels-V2's frames) ----
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return x + self.attn(x, x, x)[0]
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+
+    def forward(self, x, timestep):
+        return self.block(x) * (timestep / 1000)
+
+
+def _two_latent_pipeline(copy_scheduler: bool):
+    import copy
+
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    class TwoLatents(DiffusionPipeline):
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+        def __call__(self, num_inference_steps):
+            # LTX-2: `audio_scheduler = copy.deepcopy(self.scheduler)`, stepped beside it.
+            aux = (copy.deepcopy(self.scheduler) if copy_scheduler
+                   else type(self.scheduler).from_config(self.scheduler.config))
+            self.scheduler.set_timesteps(num_inference_steps)
+            aux.set_timesteps(num_inference_steps)
+            x = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
+            a = torch.zeros(1, 3, 4)
+            for t in self.scheduler.timesteps:
+                eps = self.unet(x, t)
+                x = self.scheduler.step(eps, t, x).prev_sample
+                a = aux.step(0.5 * eps, t, a).prev_sample
+            return x, a
+
+    torch.manual_seed(0)
+    return TwoLatents(_Net().eval(), FlowMatchEulerDiscreteScheduler())
+
+
+def test_a_deep_copy_of_the_pipeline_scheduler_is_a_plain_scheduler():
+    steps = 5
+    with torch.no_grad():
+        plain = _two_latent_pipeline(True)(steps)
+        fresh = _two_latent_pipeline(False)(steps)
+        all_true = bcc.compile(_two_latent_pipeline(True), Schedule.all_compute(steps, ["block"]), backend="eager")
+        every = {c: bcc.compile(_two_latent_pipeline(c), Schedule.every(2, steps, ["block"]), backend="eager")
+                 for c in (True, False)}
+        for got, want in zip(all_true(steps), plain):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for _ in range(2):  # and again: the copy made in the first generation changed nothing
+            copied, made = every[True](steps), every[False](steps)
+            for got, want in zip(copied, made):  # the copy steps its own state, as from_config's does
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(copied[0], plain[0])  # blocks were reused
+    assert all(torch.equal(p, f) for p, f in zip(plain, fresh))
+
+
+def test_a_pipeline_that_steps_only_copies_runs_uncached_and_says_so():
+    import copy
+    import warnings
+
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from bcc.errors import BccWarning
+
+    class PerFrame(DiffusionPipeline):  # SkyReels-V2's diffusion forcing: a scheduler copy per frame
+        def __init__(self, unet, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+        def __call__(self, num_inference_steps):
+            self.scheduler.set_timesteps(num_inference_steps)
+            frames = [copy.deepcopy(self.scheduler) for _ in range(2)]
+            x = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
+            for t in self.scheduler.timesteps:
+                eps = self.unet(x, t.repeat(1))  # per-frame timesteps, computed: not a view of the scheduler's
+                x = torch.cat([f.step(eps[:, :, 2 * k:2 * k + 2], t, x[:, :, 2 * k:2 * k + 2]).prev_sample
+                               for k, f in enumerate(frames)], dim=2)
+            return x
+
+    def build():
+        torch.manual_seed(0)
+        return PerFrame(_Net().eval(), FlowMatchEulerDiscreteScheduler())
+
+    steps = 6
+    with torch.no_grad():
+        want = build()(steps)
+        fast = bcc.compile(build(), Schedule.every(2, steps, ["block"]), backend="eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = fast(steps)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # every call computed everything
+    ours = [w for w in caught if issubclass(w.category, BccWarning)]
+    assert len(ours) == 1 and "runs uncached" in str(ours[0].message)

@@ -20,6 +20,7 @@ sync, and wrong where PNDM repeats a timestep). Nothing here reads a tensor's va
 """
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = ["CallPlace", "GenerationTracker", "tracker_for", "timestep_position",
            "DENOISER_ATTRS"]
 
 _WRAPPED = ("set_timesteps", "set_begin_index", "step")
+_ABSENT = object()
 # One tracker per scheduler object: pipelines made with from_pipe share the scheduler, and
 # so the generation state. Weak keys: a scheduler the user drops is not kept alive here.
 _TRACKERS: "weakref.WeakKeyDictionary[Any, GenerationTracker]" = weakref.WeakKeyDictionary()
@@ -113,12 +115,42 @@ class GenerationTracker:
         self.ended = False  # the pipeline said the generation is over (maybe_free_model_hooks)
         self._has_begin = hasattr(type(scheduler), "set_begin_index")
         self._undo: list[Callable[[], None]] = []
+        self._before: dict[str, Any] = {}  # what the instance held under each wrapped name
 
     # -- wrapping ----------------------------------------------------------------------
     def install(self) -> None:
         for name in _WRAPPED:
             if hasattr(self.scheduler, name):
                 self._wrap(name, getattr(self, f"_on_{name}"))
+        self._keep_copies_plain()
+
+    def _keep_copies_plain(self) -> None:
+        # The wrappers live in the instance's __dict__ and call *this* scheduler's methods,
+        # so a deepcopy would carry them along: LTX-2 copies its scheduler for the audio
+        # latents, SkyReels-V2's diffusion forcing one per frame, and every step() of a copy
+        # would step this scheduler (its step_index twice per step: the video at the wrong
+        # sigmas). copy.deepcopy looks __deepcopy__ up on the instance: copies are made of
+        # the scheduler as it was before bcc wrapped it, and are not tracked.
+        obj = self.scheduler
+        had, previous = "__deepcopy__" in vars(obj), vars(obj).get("__deepcopy__")
+        names = [n for n in _WRAPPED if n in vars(obj)]
+        before = dict(self._before)
+
+        def deepcopy_unwrapped(memo: dict) -> Any:
+            attrs = vars(obj)
+            ours = {n: attrs.pop(n) for n in (*names, "__deepcopy__") if n in attrs}
+            attrs.update({n: v for n, v in before.items() if v is not _ABSENT})
+            if had:
+                attrs["__deepcopy__"] = previous
+            try:
+                return copy.deepcopy(obj, memo)
+            finally:
+                for n in (*names, "__deepcopy__"):
+                    attrs.pop(n, None)
+                attrs.update(ours)
+
+        obj.__deepcopy__ = deepcopy_unwrapped
+        self._undo.append(lambda: setattr(obj, "__deepcopy__", previous) if had else delattr(obj, "__deepcopy__"))
 
     def remove(self) -> None:
         """Put the scheduler's methods back (latest wrapper first)."""
@@ -129,6 +161,7 @@ class GenerationTracker:
     def _wrap(self, name: str, after: Callable[..., None]) -> None:
         obj = self.scheduler
         had, previous = name in vars(obj), vars(obj).get(name)
+        self._before[name] = previous if had else _ABSENT
         original = getattr(obj, name)
 
         @functools.wraps(original)  # keeps inspect.signature(scheduler.step) right
@@ -234,7 +267,8 @@ class GenerationTracker:
                 ErrorCode.STEP_UNTRACKED,
                 f"the pipeline passed the timestep at position {position} of {name}.timesteps but step() was "
                 f"called for {self.steps_done} steps from {self.begin}, i.e. step {step}: the scheduler and the "
-                "denoiser calls disagree (a scheduler shared by two pipelines running at once?).")
+                "denoiser calls disagree (a scheduler shared by two pipelines running at once, or a pipeline that "
+                "steps copies of its scheduler instead of it?).")
         stream = self.calls_since_step
         self.calls_since_step += 1
         return CallPlace(step, self.num_steps, stream, self.generation)

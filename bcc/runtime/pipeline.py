@@ -23,17 +23,22 @@ stream k), on the host, reading no tensor value.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
 from bcc.capture.scheduler import GenerationTracker, pipeline_denoisers, timestep_position, tracker_for
 from bcc.capture.timestep import timestep_finder
-from bcc.errors import BccError, ErrorCode
+from bcc.errors import BccError, BccWarning, ErrorCode
 from bcc.runtime.module import BccModule
 from bcc.lower.stepper import Located, StepRef
 
 __all__ = ["PipelineLocator", "compile_pipeline"]
+
+# Streams in one step beyond what guidance makes (cond, uncond, a skip-layer call): the
+# pipeline is stepping a scheduler bcc does not follow.
+_MANY_STREAMS = 4
 
 
 class PipelineLocator:
@@ -53,6 +58,7 @@ class PipelineLocator:
         self._find_timestep = timestep_finder(forward)
         self._check = check
         self._last: GenerationTracker | None = None
+        self._warned: tuple | None = None  # the generation warned about many streams
 
     def attach(self, pipe: Any) -> None:
         """Serve ``pipe`` too (its scheduler is wrapped now)."""
@@ -104,6 +110,15 @@ class PipelineLocator:
                     "something bcc does not see. Please report the pipeline; meanwhile compile the denoiser "
                     "alone and call bcc_call_at.")
         self._last = tracker
+        if place.stream == _MANY_STREAMS and (tracker, place.generation) != self._warned:
+            self._warned = (tracker, place.generation)
+            warnings.warn(
+                f"{type(tracker.scheduler).__name__}.step() was not called for {_MANY_STREAMS + 1} denoiser calls in "
+                "a row, so bcc counts each as a stream of one step: its first call, which computes every block "
+                "and keeps caches of its own. This generation runs uncached, with cache memory growing per call. "
+                "The pipeline steps another scheduler (SkyReels-V2's diffusion forcing steps a copy per frame); "
+                "compile its denoiser alone and give each call its step with bcc_call_at(bcc.StepRef(...)).",
+                BccWarning, stacklevel=4)
         ref = StepRef(step=place.step, num_steps=place.num_steps, stream=place.stream)
         return Located(ref, (tracker, place.generation))
 
