@@ -6,7 +6,7 @@ import bcc
 from bcc import Schedule
 from bcc.runtime.reference import HookReference
 
-from testing import tiny_sd_pipeline
+from testing import Attending, tiny_sd_pipeline
 
 STEPS = 6
 
@@ -75,19 +75,10 @@ def test_calibrate_schedule_compile_on_the_pipeline():
 
 
 # -- a pipeline that deep-copies its scheduler (LTX-2's audio latents, SkyReels-V2's frames) ----
-class _Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
-
-    def forward(self, x):
-        return x + self.attn(x, x, x)[0]
-
-
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.block = _Block()
+        self.block = Attending()
 
     def forward(self, x, timestep):
         return self.block(x) * (timestep / 1000)
