@@ -75,7 +75,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     """
     kwargs = dict(kwargs or {})
     try:
-        with torch.no_grad(), _python_state_kept(model):
+        with torch.no_grad(), _PythonStateKept(model):
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as e:  # export raises many types; all mean "could not capture"
         raise _capture_error(model, e) from e
@@ -116,7 +116,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     return Captured(gm, in_spec, out_spec, tuple(tensor_positions), signature_of(args, kwargs))
 
 
-class _python_state_kept:
+class _PythonStateKept:
     """Puts back the model's Python state as it was before the trace.
 
     Non-strict export runs the model's Python for real, on fake tensors: a lazily filled
@@ -132,7 +132,7 @@ class _python_state_kept:
         self.kept: list[tuple[Any, dict]] = []  # (object, its __dict__ as it was)
         self.contents: list[tuple[Any, Any]] = []  # (container, a copy of its contents)
 
-    def __enter__(self) -> "_python_state_kept":
+    def __enter__(self) -> "_PythonStateKept":
         seen: set[int] = set()
         for module in self.model.modules():
             self._keep(module, seen)
