@@ -412,3 +412,11 @@ def test_the_search_refuses_a_profile_of_part_of_the_steps():
     with pytest.raises(BccError) as e:
         search_schedule(None, None, _expert(torch.rand(4, 1, dtype=torch.float64), 1, 4), 0.7, seeds=[0])
     assert e.value.code is ErrorCode.CONFIG_INVALID and "bcc.Plan" in str(e.value)
+
+
+def test_a_plan_out_of_reach_at_its_own_step_count_is_refused_when_made():
+    p = _profile([[0.0, 0.3, 0.3, 0.3], [0.0, 0.1, 0.1, 0.1]])
+    with pytest.raises(BccError) as e:
+        bcc.Plan(p, budget=0.1)  # not at the first denoiser call of a generation
+    assert e.value.code is ErrorCode.BUDGET_UNREACHABLE and "0.2500" in str(e.value)
+    assert bcc.Plan(p, speedup=2.0).schedule_for(4).compute_fraction() <= 0.5

@@ -184,6 +184,10 @@ class Plan:
             raise BccError(ErrorCode.CONFIG_INVALID, f"Plan sum_from must be one of {_SUM_FROM}, got {self.sum_from!r}.")
         # A private tuple: the frozen plan must not follow a list the caller changes later.
         object.__setattr__(self, "profile", profiles if len(profiles) > 1 else profiles[0])
+        # A budget out of reach at a calibrated step count is an error now, not at the first
+        # denoiser call of a generation (BCC503, with the reachable range).
+        for p in profiles:
+            self.schedule_for(p.num_steps)
 
     @property
     def profiles(self) -> tuple[ChangeProfile, ...]:
