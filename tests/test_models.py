@@ -7,7 +7,6 @@ from hypothesis import strategies as st
 
 import bcc
 from bcc import Schedule
-from bcc.runtime.reference import HookReference
 
 from testing import built, random_schedule, reference_outputs, run, trajectory_inputs
 

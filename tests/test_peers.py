@@ -10,7 +10,7 @@ from bcc.tools.bench.peers import PeerSetting, enable, magcache_ratios, peer_set
 from bcc.tools.bench.peers_compile import compile_report
 from bcc.tools.digits import default_model_dir, load_digits_model, make_scheduler, sample
 
-from testing import built, run
+from testing import built
 
 STEPS = 6
 _DIGITS: dict = {}

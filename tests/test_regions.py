@@ -115,7 +115,7 @@ def test_region_helpers():
 def test_region_schedule_equals_hand_reference(backend):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    steps, model, xs = 6, Toy(), _inputs(6)
+    model, xs = Toy(), _inputs(6)
     mask = torch.tensor([[1, 1], [0, 1], [0, 0], [1, 0], [0, 1], [1, 1]], dtype=torch.bool)
     counter = CompileCounterWithBackend(backend)
     fast = bcc.compile(model, Schedule(mask, ["a..c", "out"]), backend=counter)

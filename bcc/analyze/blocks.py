@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import networkx as nx
-import torch
+import torch  # noqa: F401 - the docstring examples run in this module's namespace
 import torch.fx as fx
 
 from bcc.analyze.regions import find_region, is_region

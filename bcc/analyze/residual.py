@@ -45,7 +45,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Hashable
+from typing import Any, Collection, Hashable
 
 import torch
 import torch.fx as fx

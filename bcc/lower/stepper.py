@@ -60,7 +60,7 @@ at the call after the gap, as at its first call.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Protocol, Sequence, runtime_checkable
 
 import torch

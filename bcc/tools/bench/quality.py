@@ -467,7 +467,7 @@ def markdown(results, floor, commands, threads=None):
             if not t:
                 continue
             how = (" on the guided prediction" if t.get("guided_loss") else "") + (
-                f", a correction per guidance half" if t.get("groups", 1) == 2 else "")
+                ", a correction per guidance half" if t.get("groups", 1) == 2 else "")
             how += f", lr {t['lr']:g}" if t.get("lr", 5e-3) != 5e-3 else ""
             lines.append(f"  {what}: {t['kind']} form, {t['loss']} loss{how}, {t['iterations']} trajectories, "
                          f"{t['parameters']:,} parameters, trained in {t['train_seconds'] / 60:.1f} min; "
