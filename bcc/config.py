@@ -34,8 +34,8 @@ class BccConfig:
             the block's whole output. In residual mode a block output that is not shaped
             like any block input falls back to output caching.
         backend: ``"inductor"`` (default) compiles the rewritten graph with
-            ``torch.compile(fullgraph=True)``; ``"eager"`` runs the rewritten graph as is
-            (debugging, measuring); any other string or a Dynamo backend callable is
+            ``torch.compile(fullgraph=True)``; ``"eager"`` runs the rewritten graph as is,
+            without autograd (debugging, measuring); any other string or a Dynamo backend callable is
             passed to ``torch.compile``.
         check: validate every call against the trajectory (timestep per step, step
             count). Reads the timestep on the host, so it costs a device sync per step on
