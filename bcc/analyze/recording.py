@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bcc.analyze.regions import split_region
-from bcc.analyze.residual import Dataflow, OpRecord, TensorMeta, Value, decide_residuals
+from bcc.analyze.residual import Dataflow, OpRecord, Residual, TensorMeta, Value, decide_residuals
 from bcc.analyze.slots import CacheSlot
 from bcc.capture.signature import signature_of
 from bcc.errors import BccError, ErrorCode
@@ -119,6 +119,10 @@ class _Entry:
     active: bool = False
 
 
+def _whole(n: int) -> tuple[Residual, ...]:
+    return tuple(Residual(j, None, None, "output mode") for j in range(n))
+
+
 class BlockResiduals:
     """The rule's answer for eager block calls, decided once per block and input signature.
 
@@ -208,21 +212,21 @@ class BlockResiduals:
                            "first.")
         return entry.inputs
 
-    def _decide_region(self, name: str, out: Any) -> tuple[tuple[int | None, int | None, tuple[int, ...]], ...]:
+    def _decide_region(self, name: str, out: Any) -> tuple[Residual, ...]:
         entry = self._entries[name]
         rec = entry.recorder
         self._stop(entry)
         entry.recorder = None
         leaves = pytree.tree_leaves(out)
         if rec is None:  # output mode
-            return ((None, None, ()),) * len(leaves)
+            return _whole(len(leaves))
         start_ops = rec.ops[: entry.start_ops if entry.start_ops is not None else len(rec.ops)]
         read = {v.key for op in start_ops for v in pytree.tree_leaves((op.args, op.kwargs)) if isinstance(v, Value)}
         # What start receives but does not read is no candidate (the graph holds it as a constant).
         inputs = tuple(k if k in read else ("unread", i) for i, k in enumerate(entry.input_keys))
         outputs = tuple(rec.key(v) if isinstance(v, torch.Tensor) else None for v in leaves)
         flow = Dataflow(inputs, outputs, tuple(rec.ops), rec.metas)
-        return tuple((d.base, d.stream, d.also) for d in decide_residuals(flow, block=name, mode=self.mode))
+        return decide_residuals(flow, block=name, mode=self.mode)
 
     # -- every block --------------------------------------------------------------------
     def call(self, name: str, forward: Callable[..., Any], args: tuple,
@@ -237,16 +241,16 @@ class BlockResiduals:
             return forward(*args, **kwargs), slots, inputs
         if region:
             out = forward(*args, **kwargs)
-            bases = self._decide_region(name, out)
+            decisions = self._decide_region(name, out)
         elif self.mode == "output":  # nothing to decide: every output is cached whole
             out = forward(*args, **kwargs)
-            bases = [(None, None, ())] * len(pytree.tree_leaves(out))
+            decisions = _whole(len(pytree.tree_leaves(out)))
         else:
             out, flow = record_call(forward, args, kwargs)
-            bases = [(d.base, d.stream, d.also) for d in decide_residuals(flow, block=name)]
+            decisions = decide_residuals(flow, block=name)
         slots = tuple(
             None if not isinstance(v, torch.Tensor) else
-            CacheSlot(name, j, base, tuple(v.shape), v.dtype, v.device, stream, also)
-            for j, (v, (base, stream, also)) in enumerate(zip(pytree.tree_leaves(out), bases)))
+            CacheSlot(name, j, d.base, tuple(v.shape), v.dtype, v.device, d.stream, d.also)
+            for j, (v, d) in enumerate(zip(pytree.tree_leaves(out), decisions)))
         self._slots[key] = slots
         return out, slots, inputs

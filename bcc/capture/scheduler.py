@@ -133,19 +133,18 @@ class GenerationTracker:
         # the scheduler as it was before bcc wrapped it, and are not tracked.
         obj = self.scheduler
         had, previous = "__deepcopy__" in vars(obj), vars(obj).get("__deepcopy__")
-        names = [n for n in _WRAPPED if n in vars(obj)]
-        before = dict(self._before)
+        before = dict(self._before)  # the wrapped names, and what the instance held under each
 
         def deepcopy_unwrapped(memo: dict) -> Any:
             attrs = vars(obj)
-            ours = {n: attrs.pop(n) for n in (*names, "__deepcopy__") if n in attrs}
+            ours = {n: attrs.pop(n) for n in (*before, "__deepcopy__") if n in attrs}
             attrs.update({n: v for n, v in before.items() if v is not _ABSENT})
             if had:
                 attrs["__deepcopy__"] = previous
             try:
                 return copy.deepcopy(obj, memo)
             finally:
-                for n in (*names, "__deepcopy__"):
+                for n in (*before, "__deepcopy__"):
                     attrs.pop(n, None)
                 attrs.update(ours)
 

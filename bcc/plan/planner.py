@@ -72,18 +72,22 @@ class PlannedMask:
         return PlannedMask, (self.mask, self.threshold, thaw(self.meta))
 
 
-def compute_fraction(mask: torch.Tensor, block_costs: Sequence[float] | None = None, rest_cost: float = 0.0) -> float:
+def compute_fraction(mask: torch.Tensor, block_costs: Sequence[float] | None = None, rest_cost: float = 0.0,
+                     steps: range | None = None) -> float:
     """Fraction of the denoiser's work a recompute mask still executes.
 
     Args:
         mask: bool ``[num_steps, num_blocks]``.
         block_costs: per-step cost of each block (uniform when None).
         rest_cost: per-step cost of everything outside the blocks.
+        steps: the steps the denoiser runs at (one expert's share); every step when None.
 
     Example:
         >>> compute_fraction(torch.tensor([[True, True], [False, True]]), [3.0, 1.0], rest_cost=4.0)  # 13 / 16
         0.8125
     """
+    if steps is not None:
+        mask = mask[steps.start:steps.stop]
     steps, blocks = mask.shape
     costs = torch.ones(blocks, dtype=torch.float64) if block_costs is None else torch.tensor(
         list(block_costs), dtype=torch.float64)
@@ -156,9 +160,7 @@ def plan_from_change(profile: ChangeProfile, threshold: float, *, sum_from: str 
 
 
 def _fraction(profile: ChangeProfile, mask: torch.Tensor) -> float:
-    # Of the work this denoiser does: the steps it runs at (an expert's share of them).
-    run = profile.steps_run
-    return compute_fraction(mask[run.start:run.stop], profile.block_flops, profile.rest_flops)
+    return compute_fraction(mask, profile.block_flops, profile.rest_flops, profile.steps_run)
 
 
 def plan_for_budget(profile: ChangeProfile, target: float, *, kind: str = "fraction", sum_from: str = "next",

@@ -189,6 +189,11 @@ class Schedule:
     def num_blocks(self) -> int:
         return int(self.mask.shape[1])
 
+    @property
+    def steps_run(self) -> range:
+        """The steps at which the denoiser runs: ``range(*active_steps)``, else every step."""
+        return range(*(self.active_steps or (0, self.num_steps)))
+
     def compute_fraction(self, block_costs: Sequence[float] | None = None, rest_cost: float | None = None) -> float:
         """Fraction of the denoiser's work still executed.
 
@@ -205,8 +210,7 @@ class Schedule:
         if block_costs is None and self.block_costs is not None:
             block_costs = self.block_costs
             rest_cost = self.rest_cost if rest_cost is None else rest_cost
-        start, stop = self.active_steps or (0, self.num_steps)
-        return planner.compute_fraction(self.mask[start:stop], block_costs, 0.0 if rest_cost is None else rest_cost)
+        return planner.compute_fraction(self.mask, block_costs, 0.0 if rest_cost is None else rest_cost, self.steps_run)
 
     def ideal_speedup(self, block_costs: Sequence[float] | None = None, rest_cost: float | None = None) -> float:
         """Total work divided by executed work: the speedup if time followed FLOPs."""
@@ -322,7 +326,7 @@ class Schedule:
                a  #.#
         """
         width = max(len("step"), *(len(n) for n in self.block_names))
-        run = range(*(self.active_steps or (0, self.num_steps)))
+        run = self.steps_run
         rows = [f"{'step':>{width}} " + "".join(str(s % 10) for s in range(self.num_steps))]
         for i, name in enumerate(self.block_names):
             rows.append(f"{name:>{width}} " + "".join(

@@ -201,7 +201,7 @@ def plot_schedule(schedule: Schedule, path: str | os.PathLike) -> Path:
     """
     T, K = schedule.num_steps, schedule.num_blocks
     names = schedule.block_names
-    run = range(*(schedule.active_steps or (0, T)))
+    run = schedule.steps_run
     colors = _colors(K)
     fig = plt.figure(figsize=(max(7.0, 3.5 + 0.28 * T), max(2.6, 1.3 + 0.24 * K)), layout="constrained")
     ax = fig.add_subplot()

@@ -245,7 +245,7 @@ def error_record(stage, exc):
     for fr in tb:
         loc = f"{fr.filename}:{fr.lineno} in {fr.name}"
         inner_any = loc
-        if "/work/main/bcc/" in fr.filename or "/work/main/passes/" in fr.filename:
+        if "bcc/" in fr.filename or "passes/" in fr.filename:
             inner_bcc = loc
         if "/site-packages/torch/" in fr.filename:
             inner_torch = loc

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, "/work/main/tests")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "tests"))
 import pipelines as P  # noqa: E402
 
 TEXT_LEN = P.TEXT_LEN

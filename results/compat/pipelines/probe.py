@@ -1,7 +1,7 @@
 """Probe bcc (backend="eager") inside real diffusers pipelines of newer models, against the independent
 pipeline caching reference of tests/pipelines.py (PipelineCachingReference, per-step, per-stream caches).
 
-Usage:  OMP_NUM_THREADS=1 /work/main/.venv/bin/python probe.py [chroma qwen sana ltx cogvideox]
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python probe.py [chroma qwen sana ltx cogvideox]
 Writes runs/<name>.json per pipeline and merges them all into results.json.
 
 Flows per pipeline (all output_type="latent", compared with torch.equal):
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, "/work/main/tests")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "tests"))
 import builders as B  # noqa: E402
 import pipelines as P  # noqa: E402
 
@@ -75,10 +75,10 @@ def frames(exc):
     tb = traceback.extract_tb(exc.__traceback__)
     inner = {}
     for f in tb:
-        for key, marker in (("bcc", "/work/main/bcc/"), ("torch", "/site-packages/torch/"),
+        for key, marker in (("bcc", "bcc/"), ("torch", "/site-packages/torch/"),
                             ("diffusers", "/site-packages/diffusers/")):
             if marker in f.filename:
-                inner[key] = f"{f.filename.split('site-packages/')[-1].replace('/work/main/', '')}:{f.lineno} in {f.name}"
+                inner[key] = f"{f.filename.split('site-packages/')[-1].replace('', '')}:{f.lineno} in {f.name}"
     return inner
 
 

@@ -2,7 +2,7 @@
 Wan 2.2 TI2V t2v/i2v with expand_timesteps, Wan 2.1 I2V, FluxFill) against the independent pipeline caching
 reference of tests/pipelines.py (PipelineCachingReference), as tests/test_pipelines.py:reference_of does.
 
-Usage:  OMP_NUM_THREADS=1 /work/main/.venv/bin/python probe.py [names...]   (see builders.BUILDERS)
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python probe.py [names...]   (see builders.BUILDERS)
 Writes runs/<name>.json per pipeline and merges them into results.json.
 
 Flows (output_type="latent", torch.equal):
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, "/work/main/tests")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[3] / "tests"))
 import builders as B  # noqa: E402
 import pipelines as P  # noqa: E402
 
@@ -75,10 +75,10 @@ def frames(exc):
     tb = traceback.extract_tb(exc.__traceback__)
     inner = {}
     for f in tb:
-        for key, marker in (("bcc", "/work/main/bcc/"), ("torch", "/site-packages/torch/"),
+        for key, marker in (("bcc", "bcc/"), ("torch", "/site-packages/torch/"),
                             ("diffusers", "/site-packages/diffusers/")):
             if marker in f.filename:
-                inner[key] = f"{f.filename.split('site-packages/')[-1].replace('/work/main/', '')}:{f.lineno} in {f.name}"
+                inner[key] = f"{f.filename.split('site-packages/')[-1].replace('', '')}:{f.lineno} in {f.name}"
     return inner
 
 

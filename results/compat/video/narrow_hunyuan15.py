@@ -2,7 +2,7 @@
 the data-dependent constructs of HunyuanVideo15Transformer3DModel.forward (and, for A2, one
 helper of bcc's OutlineBlocksPass) and see how far bcc gets. Nothing on disk is edited.
 
-    OMP_NUM_THREADS=1 /work/main/.venv/bin/python narrow_hunyuan15.py
+    OMP_NUM_THREADS=1 .venv/bin/python narrow_hunyuan15.py
 Results go to results.json["hunyuan15"]["narrowing"].
 """
 import inspect, json, os, sys, textwrap, warnings

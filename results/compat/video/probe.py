@@ -1,6 +1,6 @@
 """Probe bcc (block caching compiler) on newer diffusers video transformers.
 
-    OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 /work/main/.venv/bin/python probe.py [model ...] [--skip-inductor]
+    OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 .venv/bin/python probe.py [model ...] [--skip-inductor]
 
 Models: ltx ltx2 cogvideox hunyuan15 skyreels2 skyreels2-df wanvace cosmos allegro (default: all).
 Tiny random-weight configs, batch 2, 4 steps (different latents, decreasing timesteps,
@@ -293,7 +293,7 @@ def error_record(stage, e):
     tb = traceback.extract_tb(e.__traceback__)
     def inner(pred):
         fr = [f for f in tb if pred(f.filename)]
-        return f"{fr[-1].filename.split('site-packages/')[-1].replace('/work/main/', '')}:{fr[-1].lineno} in {fr[-1].name}" if fr else None
+        return f"{fr[-1].filename.split('site-packages/')[-1].replace('', '')}:{fr[-1].lineno} in {fr[-1].name}" if fr else None
     msg = str(e).strip().splitlines()
     chain, c, seen = [], e.__cause__ or e.__context__, set()
     while c is not None and id(c) not in seen and len(chain) < 4:
@@ -305,7 +305,7 @@ def error_record(stage, e):
         "is_bcc_error": isinstance(e, BccError), "bcc_internal": isinstance(e, bcc.BccInternalError),
         "code": getattr(getattr(e, "code", None), "value", None),
         "first_line": (msg or [""])[0][:400], "message_head": "\n".join(msg[:8])[:2000],
-        "frame_bcc": inner(lambda f: "/work/main/bcc/" in f or "/work/main/passes/" in f),
+        "frame_bcc": inner(lambda f: "bcc/" in f or "passes/" in f),
         "frame_torch": inner(lambda f: "site-packages/torch/" in f),
         "frame_diffusers": inner(lambda f: "site-packages/diffusers/" in f),
         "frame_innermost": inner(lambda f: True),
